@@ -1,0 +1,103 @@
+"""The SLBI math in plain torch ops: the torch backend and the executable reference.
+
+Every function here implements an equation of DESIGN.md §1 on tensors of any shape; the
+optimizer calls them on contiguous *runs* of its flat buffers (a run shares one param
+group, one penalty and, for the group penalty, one group size). The Triton kernel in
+``slbi_triton.kernels.slbi_step`` is tested against these functions, and both against a
+float64 reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+Scalar = float | Tensor
+
+
+def prox_l1(z: Tensor, lam: Scalar) -> Tensor:
+    """Soft threshold ``sign(Z) · max(|Z| − λ, 0)``, elementwise."""
+    return torch.sign(z) * torch.clamp(z.abs() - lam, min=0.0)
+
+
+def group_shrink_factor(group_norms: Tensor, lam: Scalar) -> Tensor:
+    """``max(0, 1 − λ/‖Z_g‖)`` per group, 0 where ``‖Z_g‖ = 0`` (no NaN)."""
+    safe_norms = torch.where(group_norms > 0, group_norms, torch.ones_like(group_norms))
+    return torch.where(
+        group_norms > 0, torch.clamp(1.0 - lam / safe_norms, min=0.0), torch.zeros_like(group_norms)
+    )
+
+
+def group_norms_of(z: Tensor) -> Tensor:
+    """‖Z_g‖₂ of each slice along dim 0 (one output filter or row), in float32."""
+    return torch.linalg.vector_norm(z.reshape(z.shape[0], -1).float(), dim=1)
+
+
+def prox_group(z: Tensor, lam: Scalar, group_norms: Tensor | None = None) -> Tensor:
+    """Group shrinkage ``Z_g · max(0, 1 − λ/‖Z_g‖)`` over slices along dim 0."""
+    if group_norms is None:
+        group_norms = group_norms_of(z)
+    factor = group_shrink_factor(group_norms, lam).to(z.dtype)
+    return (z.reshape(z.shape[0], -1) * factor[:, None]).reshape(z.shape)
+
+
+def gamma_of(z: Tensor, kappa: Scalar, lam: Scalar, penalty: str) -> Tensor:
+    """Γ = κ · prox(Z) for one parameter tensor (never stored by the optimizer)."""
+    if penalty == "l1":
+        return kappa * prox_l1(z, lam)
+    if penalty == "group":
+        return kappa * prox_group(z, lam)
+    raise ValueError(f"Γ is defined for penalties 'l1' and 'group', not {penalty!r}")
+
+
+def slbi_update_(
+    w: Tensor,
+    g: Tensor,
+    z: Tensor | None,
+    v: Tensor | None,
+    group_norms: Tensor | None,
+    *,
+    lr: Scalar,
+    kappa: Scalar,
+    mu: Scalar,
+    lam: Scalar,
+    momentum: Scalar,
+    dampening: Scalar,
+    weight_decay: Scalar,
+    penalty: str,
+    momentum_ready: bool,
+    group_size: int = 0,
+) -> None:
+    """One SLBI step (DESIGN.md §1) on a run of elements, in place, computed in float32.
+
+    Args:
+        w, g: weights and gradients of the run (1-D, same length and dtype).
+        z: split variable of the run; ``None`` for penalty ``"none"``.
+        v: momentum buffer of the run; ``None`` when ``momentum == 0``.
+        group_norms: float32 ‖Z_g‖ of ``Z_t`` per group of the run (group penalty only),
+            overwritten with ‖Z_{t+1,g}‖.
+        penalty: ``"l1"``, ``"group"`` or ``"none"``.
+        momentum_ready: whether ``v`` holds ``v_t``; if not, ``v_{t+1} = u``.
+        group_size: elements per group (group penalty only).
+    """
+    w32 = w.float()
+    u = g.float() + weight_decay * w32  # u = g + wd · W_t
+    if v is None:
+        velocity = u
+    else:
+        velocity = momentum * v.float() + (1.0 - dampening) * u if momentum_ready else u
+        v.copy_(velocity)
+    if penalty == "none":
+        w.copy_(w32 - lr * kappa * velocity)
+        return
+    z32 = z.float()
+    if penalty == "group":
+        factor = group_shrink_factor(group_norms, lam)
+        gamma = kappa * (z32.view(-1, group_size) * factor[:, None]).view(-1)
+    else:
+        gamma = kappa * prox_l1(z32, lam)
+    residual = w32 - gamma  # W_t − Γ_t
+    w.copy_(w32 - lr * kappa * (velocity + residual / mu))
+    z.copy_(z32 + (lr / mu) * residual)
+    if penalty == "group":
+        group_norms.copy_(torch.linalg.vector_norm(z.float().view(-1, group_size), dim=1))

@@ -14,6 +14,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import functional as F
 from .buckets import FlatBucket, Slot
 from .kernels import chunk_format as cf
+from .toolbox import ToolboxMixin
 
 __all__ = ["SLBI"]
 
@@ -83,7 +84,7 @@ def resolve_penalty(penalty: str, param: Tensor) -> str:
     return "l1" if param.dim() == 2 else "none"
 
 
-class SLBI(Optimizer):
+class SLBI(ToolboxMixin, Optimizer):
     r"""Split Linearized Bregman Iteration with momentum (FuSplit LBI).
 
     SGD with momentum plus a split variable ``Z`` per penalised parameter whose shrunken
@@ -164,6 +165,7 @@ class SLBI(Optimizer):
         super().__init__(params, defaults)
         self._rebuild_layout()
         self._layout_ready = True
+        self._init_toolbox()
 
     # -- param groups ---------------------------------------------------------------
 
@@ -382,11 +384,21 @@ class SLBI(Optimizer):
     # -- the step -------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        record: bool = False,
+        path: str | os.PathLike | None = None,
+        layers: Iterable[str] | None = None,
+    ) -> float | None:
         """Perform one SLBI step on every parameter that has a gradient.
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
+            record: append per-layer statistics of this step to the record file under
+                ``path`` (the paper's recording feature); costs nothing when ``False``.
+            path: folder of the record file (required with ``record=True``).
+            layers: names of the layers to record (default: all).
         """
         loss = None
         if closure is not None:
@@ -409,6 +421,7 @@ class SLBI(Optimizer):
                 if on and slot.group_index in momentum_groups:
                     slot.momentum_ready = True
                     self.state[slot.param]["momentum_buffer"] = slot.momentum_view
+        self._after_step(record=record, path=path, layers=layers)
         return loss
 
     def _check_group_changes(self) -> None:

@@ -1,0 +1,146 @@
+"""Parity of both backends with the float64 reference of DESIGN.md §1 on a real model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from slbi_triton import SLBI
+
+from .reference import RefParam, auto_penalty, rel_err
+
+STEPS = 50
+
+
+class OddNet(nn.Module):
+    """Conv (7×3×5×5), BatchNorm, linear (17×175, 13×17), biases, a 1-element scale and a
+    parameter that never gets a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 7, 5)
+        self.bn = nn.BatchNorm2d(7)
+        self.fc1 = nn.Linear(175, 17)
+        self.fc2 = nn.Linear(17, 13)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.unused = nn.Parameter(torch.randn(5))
+        with torch.no_grad():
+            # Spread the filter norms so that a middle λ selects some filters only.
+            self.conv.weight.mul_(torch.linspace(0.0, 3.0, 7).view(7, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x))).flatten(1)
+        return self.fc2(torch.tanh(self.fc1(h))) * self.scale
+
+
+def make_groups(model: OddNet) -> list[dict]:
+    """Three groups with different hyper-parameters and penalties."""
+    fc_weights = [model.fc1.weight, model.fc2.weight]
+    penalised = [model.conv.weight, *fc_weights]
+    others = [p for p in model.parameters() if all(p is not w for w in penalised)]
+    return [
+        {"params": [model.conv.weight], "lr": 0.05, "mu": 2.0, "lam": 0.6, "momentum": 0.9,
+         "dampening": 0.1, "weight_decay": 1e-3, "penalty": "group"},
+        {"params": fc_weights, "lr": 0.05, "mu": 2.0, "lam": 0.05, "penalty": "auto"},
+        {"params": others, "lr": 0.02, "kappa": 2.0, "mu": 5.0, "lam": 0.05, "momentum": 0.0,
+         "penalty": "l1"},
+    ]
+
+
+def run_parity(backend: str, channels_last: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    model = OddNet()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    groups = make_groups(model)
+    defaults = {"lr": 0.1, "kappa": 1.0, "mu": 100.0, "lam": 1.0, "momentum": 0.9, "dampening": 0.0,
+                "weight_decay": 0.0}
+    refs = {}
+    for group in groups:
+        hp = {**defaults, **{k: v for k, v in group.items() if k in defaults}}
+        for p in group["params"]:
+            penalty = auto_penalty(p.shape) if group["penalty"] == "auto" else group["penalty"]
+            refs[p] = RefParam(p, penalty, hp)
+    opt = SLBI(groups, backend=backend)
+    data = torch.Generator().manual_seed(seed + 1)
+    for _ in range(STEPS):
+        x = torch.randn(8, 3, 9, 9, generator=data)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        grads = {p: (p.grad.clone() if opt._slots[i].grad_seen else None) for i, p in enumerate(refs)}
+        for p, ref in refs.items():
+            ref.step(grads[p])
+        opt.step()
+    return model, opt, refs
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_matches_float64_reference(backend: str, channels_last: bool) -> None:
+    model, opt, refs = run_parity(backend, channels_last)
+    for p, ref in refs.items():
+        assert rel_err(p, ref.w) <= 1e-5, p.shape
+        z = opt.state[p].get("z")
+        if z is not None:
+            assert rel_err(z, ref.z) <= 1e-5, p.shape
+        assert torch.isfinite(p).all()
+    # The λ values put part of each penalised tensor in the support, not all or none.
+    conv_gamma = refs[model.conv.weight].gamma().reshape(7, -1).norm(dim=1)
+    assert 0 < int((conv_gamma > 0).sum()) < 7
+    fc_gamma = refs[model.fc1.weight].gamma()
+    assert 0 < int((fc_gamma != 0).sum()) < fc_gamma.numel()
+    assert all(torch.isfinite(b.group_norms).all() for b in opt._buckets)
+    # The parameter without gradient is untouched and has no momentum state.
+    assert torch.equal(model.unused.detach(), refs[model.unused].w.float())
+    assert "momentum_buffer" not in opt.state[model.unused]
+
+
+def test_triton_matches_torch_backend() -> None:
+    model_t, _, refs_t = run_parity("torch", channels_last=True)
+    model_k, _, _ = run_parity("triton", channels_last=True)
+    for a, b in zip(model_k.parameters(), model_t.parameters(), strict=True):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_deterministic_bit_identical_runs() -> None:
+    for backend in ("torch", "triton"):
+        model_a, opt_a, _ = run_parity(backend, channels_last=False, seed=3)
+        model_b, opt_b, _ = run_parity(backend, channels_last=False, seed=3)
+        for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+            assert torch.equal(a, b)
+        for bucket_a, bucket_b in zip(opt_a._buckets, opt_b._buckets, strict=True):
+            assert torch.equal(bucket_a.z, bucket_b.z)
+            assert torch.equal(bucket_a.group_norms, bucket_b.group_norms)
+
+
+def test_views_share_flat_storage() -> None:
+    torch.manual_seed(0)
+    model = OddNet().to(memory_format=torch.channels_last)
+    opt = SLBI(model.named_parameters())
+    opt.zero_grad()
+    model(torch.randn(2, 3, 9, 9)).sum().backward()
+    (bucket,) = opt._buckets
+    for name, p in model.named_parameters():
+        assert p.untyped_storage().data_ptr() == bucket.params.untyped_storage().data_ptr(), name
+        assert p.grad.untyped_storage().data_ptr() == bucket.grads.untyped_storage().data_ptr(), name
+        if "z" in opt.state[p]:
+            assert opt.state[p]["z"].untyped_storage().data_ptr() == bucket.z.untyped_storage().data_ptr()
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    opt.step()
+    for p in model.parameters():
+        assert p.untyped_storage().data_ptr() == bucket.params.untyped_storage().data_ptr()
+
+
+def test_model_copy_unaffected() -> None:
+    """Building the optimizer does not change values, only where they live."""
+    torch.manual_seed(0)
+    model = OddNet()
+    before = copy.deepcopy(model.state_dict())
+    SLBI(model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -66,19 +66,22 @@ def slbi_update_(
     weight_decay: Scalar,
     penalty: str,
     momentum_ready: bool,
-    group_size: int = 0,
 ) -> None:
     """One SLBI step (DESIGN.md §1) on a run of elements, in place, computed in float32.
 
+    Updates ``w``, ``z`` and ``v``; ``group_norms`` is read (‖Z_t‖) but not refreshed:
+    call :func:`refresh_group_norms_` afterwards. (Inside one Inductor graph, refreshing
+    the norms in the same function makes it materialise Z_{t+1} in a temporary.)
+
     Args:
-        w, g: weights and gradients of the run (1-D, same length and dtype).
+        w, g: weights and gradients of the run, same shape and dtype: 1-D for penalties
+            ``"l1"`` and ``"none"``, ``(groups, group_size)`` for ``"group"`` (2-D keeps
+            Inductor's loops vectorised over each group).
         z: split variable of the run; ``None`` for penalty ``"none"``.
         v: momentum buffer of the run; ``None`` when ``momentum == 0``.
-        group_norms: float32 ‖Z_g‖ of ``Z_t`` per group of the run (group penalty only),
-            overwritten with ‖Z_{t+1,g}‖.
+        group_norms: float32 ‖Z_g‖ of ``Z_t`` per group of the run (group penalty only).
         penalty: ``"l1"``, ``"group"`` or ``"none"``.
         momentum_ready: whether ``v`` holds ``v_t``; if not, ``v_{t+1} = u``.
-        group_size: elements per group (group penalty only).
     """
     w32 = w.float()
     u = g.float() + weight_decay * w32  # u = g + wd · W_t
@@ -93,11 +96,14 @@ def slbi_update_(
     z32 = z.float()
     if penalty == "group":
         factor = group_shrink_factor(group_norms, lam)
-        gamma = kappa * (z32.view(-1, group_size) * factor[:, None]).view(-1)
+        gamma = kappa * z32 * factor[:, None]
     else:
         gamma = kappa * prox_l1(z32, lam)
     residual = w32 - gamma  # W_t − Γ_t
     w.copy_(w32 - lr * kappa * (velocity + residual / mu))
     z.copy_(z32 + (lr / mu) * residual)
-    if penalty == "group":
-        group_norms.copy_(torch.linalg.vector_norm(z.float().view(-1, group_size), dim=1))
+
+
+def refresh_group_norms_(z: Tensor, group_norms: Tensor) -> None:
+    """Write ‖Z_g‖ of each row of the 2-D ``z`` (one group a row) into ``group_norms``."""
+    torch.linalg.vector_norm(z, dim=1, dtype=torch.float32, out=group_norms)

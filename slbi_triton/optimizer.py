@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -11,12 +13,14 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import functional as F
+from . import functional
 from .buckets import FlatBucket, Slot
 from .kernels import chunk_format as cf
 from .toolbox import ToolboxMixin
 
 __all__ = ["SLBI"]
+
+logger = logging.getLogger(__name__)
 
 PENALTIES = ("auto", "l1", "group", "none")
 BACKENDS = ("auto", "torch", "triton")
@@ -39,6 +43,13 @@ def _triton_step() -> Callable[..., None] | None:
     except ImportError:
         return None
     return slbi_bucket_step
+
+
+@functools.cache
+def _fused_torch_update() -> Callable[..., None]:
+    """``functional.slbi_update_`` compiled by Inductor with dynamic shapes: one fused
+    loop per run, no temporaries; compiled once per (penalty, momentum, dtype)."""
+    return torch.compile(functional.slbi_update_, dynamic=True)
 
 
 def _triton_interpreted() -> bool:
@@ -118,6 +129,10 @@ class SLBI(ToolboxMixin, Optimizer):
             ``"l1"``, ``"group"`` or ``"none"``; per param group (default: ``"auto"``).
         backend: ``"auto"`` (Triton for CUDA buffers when Triton imports, torch
             otherwise), ``"torch"`` or ``"triton"`` (default: ``"auto"``).
+        fused: for the torch backend on the CPU, run each update as one loop compiled
+            by Inductor (``torch.compile``; the first steps pay the compile). ``None``
+            (default) turns it on for CPU buffers; ``False`` keeps plain eager ops. If
+            compiling fails the optimizer logs a warning and stays eager.
 
     Example:
         >>> opt = SLBI(model.named_parameters(), lr=0.1, kappa=1, mu=100)
@@ -143,6 +158,7 @@ class SLBI(ToolboxMixin, Optimizer):
         penalty: str = "auto",
         *,
         backend: str = "auto",
+        fused: bool | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -157,10 +173,14 @@ class SLBI(ToolboxMixin, Optimizer):
         _validate_hyperparameters(defaults, "defaults")
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
+        if fused not in (None, True, False):
+            raise TypeError(f"fused must be None, True or False, got {fused!r}")
         self.backend = backend
+        self.fused = fused
         self._slots: list[Slot] = []
         self._buckets: list[FlatBucket] = []
         self._layout_ready = False
+        self._fused_failed = False
         self._hparam_tables: dict[torch.device, tuple[tuple[float, ...], Tensor]] = {}
         super().__init__(params, defaults)
         self._rebuild_layout()
@@ -444,26 +464,35 @@ class SLBI(ToolboxMixin, Optimizer):
             self._rebuild_layout()
 
     def _step_bucket_torch(self, bucket: FlatBucket, active: list[bool]) -> None:
+        fused = self.fused if self.fused is not None else bucket.device.type == "cpu"
         for run in bucket.runs(active):
             group = self.param_groups[run.group_index]
+            has_momentum = group["momentum"] != 0
             span = slice(run.start, run.end)
-            F.slbi_update_(
-                bucket.params[span],
-                bucket.grads[span],
-                bucket.z[span] if run.penalty != "none" else None,
-                bucket.momentum[span] if group["momentum"] != 0 else None,
-                bucket.group_norms[run.norm_start : run.norm_end] if run.penalty == "group" else None,
-                lr=group["lr"],
-                kappa=group["kappa"],
-                mu=group["mu"],
-                lam=group["lam"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                penalty=run.penalty,
-                momentum_ready=run.momentum_ready,
-                group_size=run.group_size,
+            rows = (-1, run.group_size) if run.penalty == "group" else (-1,)
+            norms = bucket.group_norms[run.norm_start : run.norm_end] if run.penalty == "group" else None
+            z = bucket.z[span].view(rows) if run.penalty != "none" else None
+            args = (
+                bucket.params[span].view(rows),
+                bucket.grads[span].view(rows),
+                z,
+                bucket.momentum[span].view(rows) if has_momentum else None,
+                norms,
             )
+            kwargs = {key: group[key] for key in _HPARAM_KEYS.values()}
+            kwargs.update(penalty=run.penalty, momentum_ready=run.momentum_ready)
+            # Compile the steady state only: a first step (momentum not ready) runs once.
+            if fused and not self._fused_failed and (run.momentum_ready or not has_momentum):
+                try:
+                    _fused_torch_update()(*args, **kwargs)
+                except Exception as error:  # Inductor unavailable (no C++ compiler, ...)
+                    logger.warning("SLBI: compiling the fused CPU update failed (%s); staying eager", error)
+                    self._fused_failed = True
+                    functional.slbi_update_(*args, **kwargs)
+            else:
+                functional.slbi_update_(*args, **kwargs)
+            if norms is not None:
+                functional.refresh_group_norms_(z, norms)
 
     def _step_bucket_triton(self, bucket: FlatBucket, active: list[bool]) -> None:
         launch = _triton_step()
@@ -506,7 +535,8 @@ class SLBI(ToolboxMixin, Optimizer):
             if saved.get("nesterov", False):
                 raise ValueError("the state dict uses Nesterov momentum, which SLBI does not implement")
             merged = {k: v for k, v in current.items() if k not in ("params", "param_names")}
-            merged.update({k: v for k, v in saved.items() if k in self.defaults or k in ("params", "param_names")})
+            kept = (*self.defaults, "params", "param_names")
+            merged.update({k: v for k, v in saved.items() if k in kept})
             saved_groups.append(merged)
         state_dict["param_groups"] = saved_groups + list(state_dict["param_groups"][len(saved_groups) :])
         for index, group in enumerate(saved_groups):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from slbi_triton.kernels import slbi_step
 from torch import nn
 
 from slbi_triton import SLBI
-from slbi_triton.kernels import slbi_step
 
 from .reference import RefParam, rel_err
 
@@ -74,7 +74,7 @@ def test_random_inputs_match_float64(backend: str) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_buckets(dtype: torch.dtype) -> None:
-    params_t, opt_t, refs = run("torch", dtype, seed=1)
+    params_t, _, refs = run("torch", dtype, seed=1)
     params_k, opt_k, _ = run("triton", dtype, seed=1)
     assert all(b.dtype == dtype for b in opt_k._buckets)
     # Triton's CPU interpreter rounds float32 → bfloat16 by truncation (the GPU rounds to

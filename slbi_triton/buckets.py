@@ -201,7 +201,7 @@ class FlatBucket:
         state; a group-penalty run has no padding inside, so it reshapes to (groups, size).
         """
         key = tuple(active) + tuple(slot.momentum_ready for slot in self.slots)
-        cached = self._runs_cache.get(key)
+        cached = None if torch.compiler.is_compiling() else self._runs_cache.get(key)
         if cached is not None:
             return cached
         runs: list[Run] = []
@@ -235,5 +235,6 @@ class FlatBucket:
                 )
         if current is not None:
             runs.append(current)
-        self._runs_cache[key] = runs
+        if not torch.compiler.is_compiling():  # a traced cache write would be a guarded side effect
+            self._runs_cache[key] = runs
         return runs

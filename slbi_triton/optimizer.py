@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -180,12 +181,31 @@ class SLBI(ToolboxMixin, Optimizer):
         self._slots: list[Slot] = []
         self._buckets: list[FlatBucket] = []
         self._layout_ready = False
+        self._step_calls = _StepCalls()
         self._fused_failed = False
         self._hparam_tables: dict[torch.device, tuple[tuple[float, ...], Tensor]] = {}
         super().__init__(params, defaults)
         self._rebuild_layout()
         self._layout_ready = True
         self._init_toolbox()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A torch LR scheduler replaces ``opt.step`` by a wrapper defined in
+        # torch/optim/lr_scheduler.py, a file Dynamo never traces: a compiled training
+        # step would break its graph at ``opt.step()``. Install an equivalent wrapper
+        # defined here instead (it sets the same flag the scheduler checks).
+        if name == "step" and getattr(value, "_wrapped_by_lr_sched", False):
+            value = _scheduler_tracked_step(self)
+        super().__setattr__(name, value)
+
+    @property
+    def _opt_called(self) -> bool:
+        """Read by LR schedulers: whether ``step()`` ran since the scheduler wrapped it."""
+        return self._step_calls.opt_called
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._step_calls.opt_called = value
 
     # -- param groups ---------------------------------------------------------------
 
@@ -374,6 +394,8 @@ class SLBI(ToolboxMixin, Optimizer):
         """
         for bucket in self._buckets:
             bucket.grads.zero_()
+        if torch.compiler.is_compiling() and not set_to_none:
+            return  # traced: the views stay bound; the flags matter to eager steps only
         for slot in self._slots:
             slot.grad_seen = False
             slot.param.grad = None if set_to_none else slot.grad_view
@@ -424,9 +446,17 @@ class SLBI(ToolboxMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_group_changes()
-        self._sync_storage()
-        active_by_bucket = self._active_slots()
+        if torch.compiler.is_compiling():
+            # Traced by Dynamo (``torch.compile``): the host-side bookkeeping (validation,
+            # re-binding replaced storage or foreign gradients) runs in eager steps only,
+            # and every parameter whose ``.grad`` is set is updated.
+            active_by_bucket = [[slot.param.grad is not None for slot in b.slots] for b in self._buckets]
+        else:
+            if record:
+                self._check_record_args(path, layers)  # before anything changes
+            self._check_group_changes()
+            self._sync_storage()
+            active_by_bucket = self._active_slots()
         momentum_groups = {i for i, group in enumerate(self.param_groups) if group["momentum"] != 0}
         for bucket, active in zip(self._buckets, active_by_bucket, strict=True):
             if not any(active):
@@ -465,6 +495,7 @@ class SLBI(ToolboxMixin, Optimizer):
 
     def _step_bucket_torch(self, bucket: FlatBucket, active: list[bool]) -> None:
         fused = self.fused if self.fused is not None else bucket.device.type == "cpu"
+        fused = fused and not torch.compiler.is_compiling()  # an outer compile fuses it already
         for run in bucket.runs(active):
             group = self.param_groups[run.group_index]
             has_momentum = group["momentum"] != 0
@@ -543,6 +574,26 @@ class SLBI(ToolboxMixin, Optimizer):
             _validate_hyperparameters(group, f"loaded param group {index}")
         super().load_state_dict(state_dict)
         self._rebuild_layout()
+
+
+@dataclass
+class _StepCalls:
+    """Flags that a compiled step sets (Dynamo replays writes to this plain object,
+    not to attributes of the optimizer itself)."""
+
+    opt_called: bool = False
+    steps_done: int = 0
+
+
+def _scheduler_tracked_step(optimizer: SLBI) -> Callable[..., Any]:
+    """``opt.step`` that records the call for LR schedulers, traceable by Dynamo."""
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        optimizer._step_calls.opt_called = True
+        return type(optimizer).step(optimizer, *args, **kwargs)
+
+    step._wrapped_by_lr_sched = True
+    return step
 
 
 class _GradSeenHook:

@@ -161,6 +161,9 @@ def _slbi_bucket_kernel(
     tl.store(group_norms_ptr + norm_offset + rows, tl.sqrt(z_sq_sum), mask=rows < norm_rows)
 
 
+@torch.library.custom_op(
+    "slbi_triton::bucket_step", mutates_args=("params", "z", "momentum", "group_norms")
+)
 def slbi_bucket_step(
     params: torch.Tensor,
     grads: torch.Tensor,
@@ -172,6 +175,10 @@ def slbi_bucket_step(
     hparams: torch.Tensor,
 ) -> None:
     """Run one SLBI step over a flat bucket in a single kernel launch.
+
+    A torch custom op (``torch.ops.slbi_triton.bucket_step``): ``torch.compile`` sees one
+    opaque, correctly ordered mutation of ``params``, ``z``, ``momentum`` and
+    ``group_norms``, and nothing inside it allocates, so it can be captured in a CUDA graph.
 
     Args:
         params, grads, z, momentum: flat 1-D buffers of the bucket (same length and
@@ -198,3 +205,9 @@ def slbi_bucket_step(
         N_CHUNK_FIELDS=CHUNK_FIELDS,
         N_HPARAM_FIELDS=HPARAM_FIELDS,
     )
+
+
+@slbi_bucket_step.register_fake
+def _(params, grads, z, momentum, group_norms, chunks, slot_flags, hparams) -> None:
+    # Mutations only, no outputs: nothing to describe to the tracer.
+    return None

@@ -160,6 +160,8 @@ class FlatBucket:
             (cf.FLAG_ACTIVE if on else 0) | (cf.FLAG_MOMENTUM_READY if slot.momentum_ready else 0)
             for slot, on in zip(self.slots, active, strict=True)
         )
+        if torch.compiler.is_compiling():  # a constant of the traced graph
+            return torch.tensor(words, dtype=torch.int32, device=self.device)
         if self._flags_cache is None or self._flags_cache[0] != words:
             flags = torch.tensor(words, dtype=torch.int32).to(self.device, non_blocking=True)
             self._flags_cache = (words, flags)

@@ -312,6 +312,8 @@ class SLBI(ToolboxMixin, Optimizer):
             needs_momentum = any(s.group_index in momentum_groups for s in bucket_slots)
             bucket = FlatBucket(bucket_slots, momentum=needs_momentum)
             bucket.backend = self._resolve_backend(bucket.device)
+            if bucket.backend == "triton":
+                bucket.chunks()  # built once here, never inside a traced step
             for slot in bucket.slots:
                 self._bind_slot(slot, old_slots.get(id(slot.param)))
             bucket.refresh_group_norms()
@@ -540,8 +542,25 @@ class SLBI(ToolboxMixin, Optimizer):
         )
 
     def _hparam_table(self, device: torch.device) -> Tensor:
-        """The float32 (num_groups, HPARAM_FIELDS) table on ``device``, re-uploaded only
-        when a hyper-parameter changed."""
+        """The float32 (num_groups, HPARAM_FIELDS) table on ``device``.
+
+        With plain floats it is uploaded again only when a value changed. A traced
+        step, or any hyper-parameter given as a tensor (e.g. ``lr=torch.tensor(0.1)``,
+        which LR schedulers update in place), builds it with device ops instead: no
+        ``.item()``, no host sync, no recompile, and it can be captured in a CUDA graph.
+        """
+        tensor_valued = any(
+            isinstance(group[key], Tensor) for group in self.param_groups for key in _HPARAM_KEYS.values()
+        )
+        if tensor_valued or torch.compiler.is_compiling():
+            zero = torch.zeros((), dtype=torch.float32, device=device)
+            rows = []
+            for group in self.param_groups:
+                row = [zero] * cf.HPARAM_FIELDS
+                for column, key in _HPARAM_KEYS.items():
+                    row[column] = torch.as_tensor(group[key], dtype=torch.float32, device=device).reshape(())
+                rows.append(torch.stack(row))
+            return torch.stack(rows)
         values = []
         for group in self.param_groups:
             row = [0.0] * cf.HPARAM_FIELDS

@@ -1,0 +1,145 @@
+"""torch.compile: a training step with opt.step() compiles with no graph break, an LR
+scheduler causes no recompile, and the compiled step equals the eager one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from slbi_triton.kernels import slbi_step
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from slbi_triton import SLBI
+
+from .reference import rel_err
+
+if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+    pytest.skip("this torch cannot trace Tensor.backward() in Dynamo", allow_module_level=True)
+
+trace_backward = torch._dynamo.config.patch(trace_autograd_ops=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def make_run(backend: str, lr: float | torch.Tensor):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)
+    )
+    opt = SLBI(model.parameters(), lr=lr, lam=0.01, mu=10.0, backend=backend)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return model, opt, scheduler, train_step
+
+
+def batches(count: int):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+            for _ in range(count)]
+
+
+@trace_backward
+def test_train_step_has_no_graph_break() -> None:
+    _, _, _, train_step = make_run("torch", 0.1)
+    x, y = batches(1)[0]
+    explanation = torch._dynamo.explain(train_step)(x, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@trace_backward
+@pytest.mark.parametrize("lr", [0.1, "tensor"], ids=["float_lr", "tensor_lr"])
+def test_scheduler_changing_lr_causes_no_recompile(lr) -> None:
+    lr = torch.tensor(0.1) if lr == "tensor" else lr
+    _, opt, scheduler, train_step = make_run("torch", lr)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(train_step, backend=counter, fullgraph=True)
+    data = batches(12)
+    # Steps 1 and 2 compile (the momentum buffer is empty on the first step only).
+    for x, y in data[:2]:
+        compiled(x, y)
+        scheduler.step()
+    warm = counter.frame_count
+    lrs = []
+    for x, y in data[2:]:
+        compiled(x, y)
+        scheduler.step()
+        lrs.append(float(opt.param_groups[0]["lr"]))
+    assert counter.frame_count == warm  # 0 recompiles over 10 lr changes
+    assert len(set(lrs)) == 10
+
+
+@trace_backward
+def test_compiled_train_step_matches_eager() -> None:
+    model_e, _, sched_e, step_e = make_run("torch", torch.tensor(0.1))
+    model_c, _, sched_c, step_c = make_run("torch", torch.tensor(0.1))
+    compiled = torch.compile(step_c, fullgraph=True)  # Inductor
+    for x, y in batches(20):
+        step_e(x, y)
+        sched_e.step()
+        compiled(x, y)
+        sched_c.step()
+    for a, b in zip(model_c.parameters(), model_e.parameters(), strict=True):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_compiled_opt_step_alone() -> None:
+    model_e, opt_e, _, _ = make_run("torch", 0.1)
+    model_c, opt_c, _, _ = make_run("torch", 0.1)
+    compiled_step = torch.compile(opt_c.step, fullgraph=True, backend="aot_eager")
+    for x, y in batches(5):
+        for model, opt, step in ((model_e, opt_e, opt_e.step), (model_c, opt_c, compiled_step)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            step()
+    for a, b in zip(model_c.parameters(), model_e.parameters(), strict=True):
+        assert rel_err(a, b) <= 1e-6
+
+
+@trace_backward
+def test_triton_op_under_compile_matches_eager() -> None:
+    """The Triton kernel as a custom op inside a compiled step (kernels interpreted)."""
+    model_e, _, _, step_e = make_run("triton", 0.1)
+    model_c, opt_c, _, step_c = make_run("triton", 0.1)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step_c, backend=counter, fullgraph=True)
+    for x, y in batches(4):
+        step_e(x, y)
+        compiled(x, y)
+    assert counter.frame_count == 2
+    assert opt_c._buckets[0].backend == "triton"
+    for a, b in zip(model_c.parameters(), model_e.parameters(), strict=True):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_opcheck_bucket_step() -> None:
+    params = [nn.Parameter(torch.randn(s)) for s in [(5, 3, 2, 2), (7, 9), (4,)]]
+    opt = SLBI(params, backend="triton")
+    (bucket,) = opt._buckets
+    for slot in opt._slots:
+        slot.param.grad.normal_()
+    bucket.z.normal_()
+    bucket.refresh_group_norms()
+    args = (
+        bucket.params,
+        bucket.grads,
+        bucket.z,
+        bucket.momentum,
+        bucket.group_norms,
+        bucket.chunks(),
+        bucket.slot_flags([True] * len(bucket.slots)),
+        opt._hparam_table(bucket.device),
+    )
+    torch.library.opcheck(slbi_step.slbi_bucket_step, copy.deepcopy(args))

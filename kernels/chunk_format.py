@@ -25,7 +25,10 @@ HP_LAM = 3
 HP_MOMENTUM = 4
 HP_DAMPENING = 5
 HP_WEIGHT_DECAY = 6
-HPARAM_FIELDS = 8  # padded to 8 floats (32 bytes) per row
+# 1.0 when the group keeps a momentum buffer (momentum != 0 as a Python number): a tiny ρ
+# can round to 0 in float32, and the kernel must still store v as the torch backend does.
+HP_USE_MOMENTUM = 7
+HPARAM_FIELDS = 8  # 8 floats (32 bytes) per row
 
 # Bits of the per-parameter int32 flag word.
 FLAG_ACTIVE = 1  # the parameter received a gradient since the last zero_grad()

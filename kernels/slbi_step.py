@@ -15,6 +15,10 @@ Per element, in float32 (DESIGN.md §1, step t → t+1)::
 writes ‖Z_{t+1, g}‖ for the next one. Each program owns whole groups, so the norms are
 plain per-program reductions: deterministic, no atomics. Each of W, Z, g, v is read once
 and W, Z, v written once.
+
+Mixed precision (``torch.amp.GradScaler``): the gradients are multiplied by ``1/scale``
+as they are loaded, and when ``found_inf`` is non-zero every program stores nothing, so a
+step with inf/NaN gradients leaves W, Z, v and the norms as they were, with no host sync.
 """
 
 import torch
@@ -39,6 +43,7 @@ from .chunk_format import (
     HP_LR,
     HP_MOMENTUM,
     HP_MU,
+    HP_USE_MOMENTUM,
     HP_WEIGHT_DECAY,
     HPARAM_FIELDS,
     PENALTY_CODES,
@@ -63,6 +68,7 @@ _HP_LAM = tl.constexpr(HP_LAM)
 _HP_LR = tl.constexpr(HP_LR)
 _HP_MOMENTUM = tl.constexpr(HP_MOMENTUM)
 _HP_MU = tl.constexpr(HP_MU)
+_HP_USE_MOMENTUM = tl.constexpr(HP_USE_MOMENTUM)
 _HP_WEIGHT_DECAY = tl.constexpr(HP_WEIGHT_DECAY)
 _PENALTY_GROUP = tl.constexpr(PENALTY_CODES["group"])
 
@@ -77,10 +83,14 @@ def _slbi_bucket_kernel(
     chunks_ptr,
     slot_flags_ptr,
     hparams_ptr,
+    inv_scale_ptr,
+    found_inf_ptr,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
     N_CHUNK_FIELDS: tl.constexpr,
     N_HPARAM_FIELDS: tl.constexpr,
+    HAS_INV_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
 ):
     chunk = chunks_ptr + tl.program_id(0).to(tl.int64) * N_CHUNK_FIELDS
     start = tl.load(chunk + _CHUNK_START)
@@ -94,6 +104,9 @@ def _slbi_bucket_kernel(
 
     flags = tl.load(slot_flags_ptr + slot)
     active = (flags & _FLAG_ACTIVE) != 0
+    if HAS_FOUND_INF:
+        # Inf/NaN gradients somewhere (GradScaler): this step changes nothing.
+        active = active & (tl.load(found_inf_ptr) == 0.0)
     momentum_ready = (flags & _FLAG_MOMENTUM_READY) != 0
 
     hp = hparams_ptr + hparam_row * N_HPARAM_FIELDS
@@ -104,10 +117,13 @@ def _slbi_bucket_kernel(
     rho = tl.load(hp + _HP_MOMENTUM)
     dampening = tl.load(hp + _HP_DAMPENING)
     weight_decay = tl.load(hp + _HP_WEIGHT_DECAY)
+    inv_scale = 1.0
+    if HAS_INV_SCALE:
+        inv_scale = tl.load(inv_scale_ptr)
 
     penalised = penalty != 0
     is_group = penalty == _PENALTY_GROUP
-    use_momentum = rho != 0.0
+    use_momentum = tl.load(hp + _HP_USE_MOMENTUM) != 0.0
     momentum_history = use_momentum & momentum_ready
 
     # Scalar conditions become row bounds: rows at or past a bound are masked out.
@@ -135,6 +151,8 @@ def _slbi_bucket_kernel(
         z_mask = (rows < z_rows)[:, None] & in_row
         w = tl.load(params_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grads_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_INV_SCALE:
+            g = g * inv_scale
         z = tl.load(z_ptr + offs, mask=z_mask, other=0.0).to(tl.float32)
         v_mask = (rows < v_load_rows)[:, None] & in_row
         v = tl.load(momentum_ptr + offs, mask=v_mask, other=0.0).to(tl.float32)
@@ -173,6 +191,8 @@ def slbi_bucket_step(
     chunks: torch.Tensor,
     slot_flags: torch.Tensor,
     hparams: torch.Tensor,
+    inv_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """Run one SLBI step over a flat bucket in a single kernel launch.
 
@@ -187,6 +207,9 @@ def slbi_bucket_step(
         chunks: int64 ``(num_chunks, CHUNK_FIELDS)`` table (see ``chunk_format``).
         slot_flags: int32 flag word per parameter (``FLAG_ACTIVE | FLAG_MOMENTUM_READY``).
         hparams: float32 ``(num_groups, HPARAM_FIELDS)`` hyper-parameter table.
+        inv_scale: optional float32 1-element tensor: gradients are multiplied by it
+            (``1 / GradScaler`` scale), so ``grads`` holds the scaled gradients.
+        found_inf: optional float32 1-element tensor: when non-zero, nothing is written.
     """
     num_chunks = chunks.shape[0]
     if num_chunks == 0:
@@ -200,14 +223,21 @@ def slbi_bucket_step(
         chunks,
         slot_flags,
         hparams,
+        # Unused pointers when absent (the constexpr flags compile their loads out).
+        inv_scale if inv_scale is not None else hparams,
+        found_inf if found_inf is not None else hparams,
         ROWS=TILE_ROWS,
         COLS=TILE_COLS,
         N_CHUNK_FIELDS=CHUNK_FIELDS,
         N_HPARAM_FIELDS=HPARAM_FIELDS,
+        HAS_INV_SCALE=inv_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
     )
 
 
 @slbi_bucket_step.register_fake
-def _(params, grads, z, momentum, group_norms, chunks, slot_flags, hparams) -> None:
+def _(
+    params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, inv_scale=None, found_inf=None
+) -> None:
     # Mutations only, no outputs: nothing to describe to the tracer.
     return None

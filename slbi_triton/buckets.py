@@ -43,6 +43,15 @@ class Slot:
     grad_seen: bool = False  # set by the post-accumulate-grad hook, cleared by zero_grad
     momentum_ready: bool = False  # the momentum buffer holds v_t
     hook_handle: object | None = field(default=None, repr=False)
+    # The parameter's TensorImpl when it was bound: torch.utils.swap_tensors (used by
+    # model.to() and load_state_dict(assign=True) under swap_module_params_on_conversion)
+    # changes it, and with it drops the autograd hooks; ``.data =`` keeps it.
+    impl: int = 0
+
+    @property
+    def label(self) -> str:
+        """How error messages name the parameter."""
+        return f"parameter {self.name!r}" if self.name is not None else f"parameter {self.index}"
 
     @property
     def numel(self) -> int:
@@ -143,14 +152,20 @@ class FlatBucket:
             for slot in self.slots:
                 slot.momentum_view = self.view_of(self.momentum, slot)
 
-    def refresh_group_norms(self) -> None:
-        """Recompute ‖Z_g‖ from Z (after loading or editing Z outside the step)."""
-        for slot in self.slots:
+    def norms_of(self, slot: Slot) -> Tensor:
+        """``slot``'s ‖Z_g‖ (float32, one per group) in :attr:`group_norms`."""
+        return self.group_norms[slot.norm_offset : slot.norm_offset + slot.num_groups]
+
+    def refresh_group_norms(self, slots: list[Slot] | None = None) -> None:
+        """Recompute ‖Z_g‖ from Z (after editing Z outside the step).
+
+        Args:
+            slots: the group-penalised slots to refresh (default: all of them).
+        """
+        for slot in self.slots if slots is None else slots:
             if slot.penalty == "group":
                 z_rows = self.flat_range(self.z, slot).view(slot.num_groups, -1)
-                self.group_norms[slot.norm_offset : slot.norm_offset + slot.num_groups] = (
-                    torch.linalg.vector_norm(z_rows.float(), dim=1)
-                )
+                self.norms_of(slot).copy_(torch.linalg.vector_norm(z_rows.float(), dim=1))
 
     # -- per-step inputs ------------------------------------------------------------
 

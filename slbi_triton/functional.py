@@ -66,6 +66,8 @@ def slbi_update_(
     weight_decay: Scalar,
     penalty: str,
     momentum_ready: bool,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """One SLBI step (DESIGN.md §1) on a run of elements, in place, computed in float32.
 
@@ -82,16 +84,29 @@ def slbi_update_(
         group_norms: float32 ‖Z_g‖ of ``Z_t`` per group of the run (group penalty only).
         penalty: ``"l1"``, ``"group"`` or ``"none"``.
         momentum_ready: whether ``v`` holds ``v_t``; if not, ``v_{t+1} = u``.
+        inv_scale: optional 0-d float32 tensor; ``g`` holds gradients scaled by
+            ``1 / inv_scale`` (``torch.amp.GradScaler``) and is unscaled as it is read.
+        found_inf: optional 0-d float32 tensor; where non-zero, ``w``, ``z`` and ``v``
+            keep their values (decided on the device: no host sync).
     """
+    # Where found_inf is set every store writes back the old value instead: inf/NaN in
+    # the discarded branch of torch.where does not leak into the kept one.
+    keep = None if found_inf is None else found_inf != 0
+
+    def store(dst: Tensor, old: Tensor, new: Tensor) -> None:
+        dst.copy_(new if keep is None else torch.where(keep, old, new))
+
     w32 = w.float()
-    u = g.float() + weight_decay * w32  # u = g + wd · W_t
+    g32 = g.float() if inv_scale is None else g.float() * inv_scale
+    u = g32 + weight_decay * w32  # u = g + wd · W_t
     if v is None:
         velocity = u
     else:
-        velocity = momentum * v.float() + (1.0 - dampening) * u if momentum_ready else u
-        v.copy_(velocity)
+        v32 = v.float()
+        velocity = momentum * v32 + (1.0 - dampening) * u if momentum_ready else u
+        store(v, v32, velocity)
     if penalty == "none":
-        w.copy_(w32 - lr * kappa * velocity)
+        store(w, w32, w32 - lr * kappa * velocity)
         return
     z32 = z.float()
     if penalty == "group":
@@ -100,10 +115,17 @@ def slbi_update_(
     else:
         gamma = kappa * prox_l1(z32, lam)
     residual = w32 - gamma  # W_t − Γ_t
-    w.copy_(w32 - lr * kappa * (velocity + residual / mu))
-    z.copy_(z32 + (lr / mu) * residual)
+    store(w, w32, w32 - lr * kappa * (velocity + residual / mu))
+    store(z, z32, z32 + (lr / mu) * residual)
 
 
-def refresh_group_norms_(z: Tensor, group_norms: Tensor) -> None:
-    """Write ‖Z_g‖ of each row of the 2-D ``z`` (one group a row) into ``group_norms``."""
-    torch.linalg.vector_norm(z, dim=1, dtype=torch.float32, out=group_norms)
+def refresh_group_norms_(z: Tensor, group_norms: Tensor, found_inf: Tensor | None = None) -> None:
+    """Write ‖Z_g‖ of each row of the 2-D ``z`` (one group a row) into ``group_norms``;
+    where ``found_inf`` (0-d) is non-zero, keep the old norms bit for bit."""
+    if z.dtype == torch.float64:
+        z = z.float()  # vector_norm does not narrow its input; the update runs in float32 too
+    if found_inf is None:
+        torch.linalg.vector_norm(z, dim=1, dtype=torch.float32, out=group_norms)
+    else:
+        norms = torch.linalg.vector_norm(z, dim=1, dtype=torch.float32)
+        group_norms.copy_(torch.where(found_inf != 0, group_norms, norms))

@@ -6,7 +6,8 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import functional
 from .buckets import FlatBucket, Slot
 from .kernels import chunk_format as cf
-from .toolbox import ToolboxMixin
+from .toolbox import ToolboxMixin, _as_epochs, order_shape
 
 __all__ = ["SLBI"]
 
@@ -87,6 +88,15 @@ def _validate_hyperparameters(group: dict[str, Any], where: str) -> None:
         raise ValueError(f"Invalid penalty ({where}): {penalty!r}; expected one of {PENALTIES}")
 
 
+def _check_group_penalty(penalty: str, params: Iterable[Tensor], where: str) -> None:
+    for position, param in enumerate(params):
+        if penalty == "group" and param.dim() < 2:
+            raise ValueError(
+                f"penalty 'group' needs a tensor of at least 2 dims, but parameter {position} of {where} "
+                f"has shape {tuple(param.shape)}; use penalty 'l1', 'none' or 'auto' for it"
+            )
+
+
 def resolve_penalty(penalty: str, param: Tensor) -> str:
     """The penalty a parameter gets: ``"auto"`` is group for ≥3-D, l1 for 2-D, none else."""
     if penalty != "auto":
@@ -94,6 +104,14 @@ def resolve_penalty(penalty: str, param: Tensor) -> str:
     if param.dim() >= 3:
         return "group"
     return "l1" if param.dim() == 2 else "none"
+
+
+# Order state that ``load_state_dict`` restores with the dtype it was saved in: torch's
+# loader would cast it to the parameter's dtype (int64 epochs to float, float32 norms
+# and magnitudes of a bfloat16 parameter to bfloat16).
+_EXACT_STATE_KEYS = ("group_norms", "entry_epoch", "order_magnitude")
+# Options of a torch.optim.SGD param group that SLBI has no use for: not loaded.
+_SGD_ONLY_KEYS = ("nesterov", "maximize", "foreach", "differentiable", "fused")
 
 
 class SLBI(ToolboxMixin, Optimizer):
@@ -144,7 +162,19 @@ class SLBI(ToolboxMixin, Optimizer):
     ``zero_grad()`` zeroes the flat gradient buffer in place and keeps the views; a
     parameter that received no gradient since then is skipped by ``step()`` (W, Z and
     momentum unchanged), exactly as ``torch.optim.SGD`` skips a ``None`` gradient.
+
+    State per parameter (``opt.state[p]``, and ``state_dict()`` by index):
+    ``"momentum_buffer"`` and ``"z"`` (the parameter's shape), ``"group_norms"`` (float32
+    ‖Z_g‖ per output filter, group penalty), and the toolbox's ``"entry_epoch"`` and
+    ``"order_magnitude"``; ``state_dict()["slbi"]`` holds the toolbox's path history and
+    frozen masks. ``torch.amp.GradScaler`` hands the optimizer its scale and inf flag
+    (``_step_supports_amp_scaling``): the step unscales the gradients as it reads them and
+    writes nothing when they hold inf/NaN, without waiting for the device.
     """
+
+    # GradScaler.step() then sets ``self.grad_scale`` and ``self.found_inf`` instead of
+    # unscaling every gradient and syncing on found_inf itself, and deletes them after.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -172,6 +202,9 @@ class SLBI(ToolboxMixin, Optimizer):
             "penalty": penalty,
         }
         _validate_hyperparameters(defaults, "defaults")
+        if isinstance(params, (set, frozenset)):
+            # Iteration order would decide the state_dict indices: refuse, as torch does for a group.
+            raise TypeError("params must be an ordered collection (a list), not a set")
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
         if fused not in (None, True, False):
@@ -179,15 +212,21 @@ class SLBI(ToolboxMixin, Optimizer):
         self.backend = backend
         self.fused = fused
         self._slots: list[Slot] = []
+        self._slot_by_id: dict[int, Slot] = {}
         self._buckets: list[FlatBucket] = []
         self._layout_ready = False
         self._step_calls = _StepCalls()
         self._fused_failed = False
         self._hparam_tables: dict[torch.device, tuple[tuple[float, ...], Tensor]] = {}
+        # Where a module's attribute that held one of our parameters was given another
+        # Parameter (``load_state_dict(assign=True)``, ``module.weight = ...``):
+        # id(our parameter) -> (our parameter, [(module, attribute name), ...]).
+        self._replaced_in: dict[int, tuple[Tensor, list[tuple[weakref.ref, str]]]] = {}
         super().__init__(params, defaults)
         self._rebuild_layout()
         self._layout_ready = True
         self._init_toolbox()
+        _watch_parameter_replacement(self)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # A torch LR scheduler replaces ``opt.step`` by a wrapper defined in
@@ -240,12 +279,7 @@ class SLBI(ToolboxMixin, Optimizer):
             label = f"parameter {name!r}" if name is not None else f"parameter {position} of {where}"
             if not isinstance(param, Tensor):
                 raise TypeError(f"{label} is not a Tensor but {type(param).__name__}")
-            if param.is_complex():
-                raise TypeError(f"{label} is complex ({param.dtype}); SLBI supports real parameters only")
-            if not param.is_floating_point():
-                raise TypeError(f"{label} has dtype {param.dtype}; SLBI needs floating-point parameters")
-            if param.is_sparse or param.layout != torch.strided:
-                raise TypeError(f"{label} has layout {param.layout}; SLBI needs dense (strided) parameters")
+            _check_parameter_tensor(param, label)
             if id(param) in seen:
                 raise ValueError(f"{label} appears more than once in the optimizer's parameters")
             seen.add(id(param))
@@ -309,16 +343,25 @@ class SLBI(ToolboxMixin, Optimizer):
             by_bucket.setdefault((slot.param.device, slot.param.dtype), []).append(slot)
         buckets = []
         for bucket_slots in by_bucket.values():
-            needs_momentum = any(s.group_index in momentum_groups for s in bucket_slots)
+            # A momentum buffer kept in the state of a group now at ρ = 0 stays too
+            # (it is used again if ρ goes back up, as in torch.optim.SGD).
+            needs_momentum = any(
+                s.group_index in momentum_groups or "momentum_buffer" in self.state[s.param]
+                for s in bucket_slots
+            )
             bucket = FlatBucket(bucket_slots, momentum=needs_momentum)
             bucket.backend = self._resolve_backend(bucket.device)
             if bucket.backend == "triton":
                 bucket.chunks()  # built once here, never inside a traced step
-            for slot in bucket.slots:
-                self._bind_slot(slot, old_slots.get(id(slot.param)))
-            bucket.refresh_group_norms()
+            stale_norms = [
+                slot
+                for slot in bucket.slots
+                if not self._bind_slot(bucket, slot, old_slots.get(id(slot.param)))
+            ]
+            bucket.refresh_group_norms(stale_norms)
             buckets.append(bucket)
         self._slots = slots
+        self._slot_by_id = {id(slot.param): slot for slot in slots}
         self._buckets = buckets
 
     def _resolve_backend(self, device: torch.device) -> str:
@@ -336,9 +379,14 @@ class SLBI(ToolboxMixin, Optimizer):
             return "triton"
         return "triton" if triton_available and device.type == "cuda" else "torch"
 
-    def _bind_slot(self, slot: Slot, old: Slot | None) -> None:
+    def _bind_slot(self, bucket: FlatBucket, slot: Slot, old: Slot | None) -> bool:
         """Copy a parameter, its gradient and its state into the flat buffers and make
-        ``param.data``, ``param.grad`` and the state tensors views into them."""
+        ``param.data``, ``param.grad`` and the state tensors views into them.
+
+        Returns whether the slot's group norms are current: taken over from the state
+        (bit for bit, as the step that wrote them computed them) rather than to be
+        recomputed from Z.
+        """
         param = slot.param
         state = self.state[param]
         slot.param_view.copy_(param.detach())
@@ -348,42 +396,136 @@ class SLBI(ToolboxMixin, Optimizer):
         slot.grad_seen = old.grad_seen if old is not None else grad is not None
         param.data = slot.param_view
         param.grad = slot.grad_view
+        slot.impl = param._cdata
+        norms_current = True
+        z = state.get("z")
         if slot.z_view is not None:
-            if "z" in state:
-                slot.z_view.copy_(state["z"])
+            if z is not None:
+                slot.z_view.copy_(z)
             state["z"] = slot.z_view
         else:
             state.pop("z", None)
-        slot.momentum_ready = "momentum_buffer" in state
+        norms = state.pop("group_norms", None)
+        if slot.penalty == "group":
+            # Norms of a Z that is now cast to another dtype are stale by a rounding.
+            norms_current = (
+                norms is not None
+                and z is not None
+                and z.dtype == slot.z_view.dtype
+                and tuple(norms.shape) == (slot.num_groups,)
+            )
+            if norms_current:
+                bucket.norms_of(slot).copy_(norms)
+            state["group_norms"] = bucket.norms_of(slot)
+        slot.momentum_ready = state.get("momentum_buffer") is not None
         if slot.momentum_ready:
-            if slot.momentum_view is None:
-                raise RuntimeError("internal error: momentum state without a momentum buffer")
             slot.momentum_view.copy_(state["momentum_buffer"])
             state["momentum_buffer"] = slot.momentum_view
+        else:
+            state.pop("momentum_buffer", None)  # torch.optim.SGD can store None
         if param.requires_grad:
             slot.hook_handle = param.register_post_accumulate_grad_hook(_GradSeenHook(slot))
+            # Assigning the hook dict (re-)arms it in the autograd engine: after
+            # torch.utils.swap_tensors the parameter keeps the dict but the engine no
+            # longer calls it, and registering one more hook does not fix that.
+            param._post_accumulate_grad_hooks = param._post_accumulate_grad_hooks
+        return norms_current
 
     def _sync_storage(self) -> None:
-        """Re-bind parameters whose storage was replaced since the last step
-        (``p.data = ...``, ``load_state_dict(assign=True)``); re-lay the buffers when a
-        parameter moved to another device or dtype (``model.to(...)``)."""
-        relayout = False
+        """Re-bind parameters that left the flat buffers since the last step, before
+        the update reads them, so that none is silently left out:
+
+        - a module attribute given another Parameter (``load_state_dict(assign=True)``,
+          ``module.weight = nn.Parameter(...)``): the new Parameter takes the old one's
+          place, state and group;
+        - ``model.to(dtype/device)``, ``.double()``, ``.half()`` (with or without
+          ``torch.__future__.set_swap_module_params_on_conversion``): the buffers are
+          laid out again and Z and momentum follow the cast;
+        - ``p.data = ...``: the new values are copied into the buffer.
+
+        Everything is checked first: a shape change raises before anything changes.
+        """
+        replacements = self._pending_replacements()
+        for slot in self._slots:
+            param = replacements.get(id(slot.param), slot.param)
+            label = slot.label
+            if param is not slot.param or param.dtype != slot.param_view.dtype:
+                _check_parameter_tensor(param, label)
+            if param.shape != slot.param_view.shape:
+                raise ValueError(
+                    f"{label} changed shape from {tuple(slot.param_view.shape)} to {tuple(param.shape)} "
+                    "after the optimizer was built; build a new SLBI (or load its state_dict into one)"
+                )
+        self._replaced_in.clear()
+        relayout = bool(replacements)
+        for slot in self._slots:
+            if id(slot.param) in replacements:
+                self._replace_param(slot, replacements[id(slot.param)])
         for bucket in self._buckets:
             for slot in bucket.slots:
                 param = slot.param
-                if param.device != bucket.device or param.dtype != bucket.dtype:
+                if param._cdata != slot.impl:
+                    # Swapped TensorImpl: our hook was not called since, so trust a
+                    # gradient found outside the flat buffer (as SGD would use it).
+                    grad = param.grad
+                    foreign = grad is not None and not _lives_in(grad, bucket.grads)
+                    slot.grad_seen = slot.grad_seen or foreign
                     relayout = True
-                elif param.shape != slot.param_view.shape:
-                    label = slot.name or f"parameter {slot.index}"
-                    raise ValueError(
-                        f"{label} changed shape from {tuple(slot.param_view.shape)} to "
-                        f"{tuple(param.shape)} after the optimizer was built; build a new SLBI"
-                    )
+                elif param.device != bucket.device or param.dtype != bucket.dtype:
+                    relayout = True
                 elif param.data_ptr() != slot.param_view.data_ptr() or param.stride() != slot.strides:
                     slot.param_view.copy_(param.detach())
                     param.data = slot.param_view
         if relayout:
             self._rebuild_layout()
+
+    def _note_replacement(self, module: torch.nn.Module, name: str, old: Tensor) -> None:
+        """Called when ``module.<name>``, which holds ``old``, is given another Parameter.
+
+        Only the place is kept: :meth:`_pending_replacements` reads what it holds at the
+        next step, so later re-assignments (re-tying weights, assigning back) count too.
+        """
+        if id(old) not in self._slot_by_id:
+            return  # not ours, or a place already watched (replaced again)
+        _, places = self._replaced_in.setdefault(id(old), (old, []))
+        if not any(m() is module and n == name for m, n in places):
+            places.append((weakref.ref(module), name))
+
+    def _pending_replacements(self) -> dict[int, Tensor]:
+        """id(our parameter) -> the Parameter that replaced it in the model; raises if
+        one of ours (tied weights) was replaced by different Parameters."""
+        result: dict[int, Tensor] = {}
+        for key, (old, places) in self._replaced_in.items():
+            found: list[Tensor] = []
+            for module_ref, name in places:
+                module = module_ref()
+                new = None if module is None else module._parameters.get(name)
+                # Assigned back, or re-tied to a parameter we update anyway: nothing to do.
+                if new is None or new is old or id(new) in self._slot_by_id:
+                    continue
+                if all(new is not other for other in found):
+                    found.append(new)
+            if len(found) > 1:
+                raise ValueError(
+                    f"{self._slot_by_id[key].label} was replaced by {len(found)} different Parameters in "
+                    "the model (tied weights untied by load_state_dict(assign=True)?); tie them again, or "
+                    "build the optimizer after loading"
+                )
+            if found:
+                result[key] = found[0]
+        return result
+
+    def _replace_param(self, slot: Slot, new: Tensor) -> None:
+        """Put ``new`` in ``slot.param``'s place: param group, state and toolbox masks."""
+        old = slot.param
+        params = self.param_groups[slot.group_index]["params"]
+        params[next(i for i, p in enumerate(params) if p is old)] = new
+        if old in self.state:
+            self.state[new] = self.state.pop(old)
+        self._rekey_param(old, new)
+        slot.param = new
+        # Our hook was never on ``new``: a gradient it holds came from autograd.
+        slot.grad_seen = new.grad is not None
 
     # -- gradients ------------------------------------------------------------------
 
@@ -394,6 +536,8 @@ class SLBI(ToolboxMixin, Optimizer):
             set_to_none: also set every ``param.grad`` to ``None`` (``step()`` re-binds
                 gradients that autograd creates afterwards). Default: ``False``.
         """
+        if not torch.compiler.is_compiling():
+            self._sync_storage()  # so that the views below are views of the current buffers
         for bucket in self._buckets:
             bucket.grads.zero_()
         if torch.compiler.is_compiling() and not set_to_none:
@@ -402,24 +546,27 @@ class SLBI(ToolboxMixin, Optimizer):
             slot.grad_seen = False
             slot.param.grad = None if set_to_none else slot.grad_view
 
-    def _active_slots(self) -> list[list[bool]]:
-        """Which parameters to update, per bucket; foreign gradients are checked first,
-        then copied into the flat buffer and their ``.grad`` re-bound as a view."""
-        foreign: list[Slot] = []
+    def _check_gradients(self) -> None:
+        """Refuse sparse and complex gradients (before anything changes)."""
         for slot in self._slots:
             grad = slot.param.grad
             if grad is None or _is_view_of(grad, slot.grad_view):
                 continue
-            label = slot.name or f"parameter {slot.index}"
+            label = slot.label
             if grad.is_sparse or grad.layout != torch.strided:
                 raise TypeError(f"SLBI does not support sparse gradients ({label}, layout {grad.layout})")
             if grad.is_complex():
                 raise TypeError(f"SLBI does not support complex gradients ({label}, dtype {grad.dtype})")
-            foreign.append(slot)
-        for slot in foreign:
-            slot.grad_view.copy_(slot.param.grad)
-            slot.param.grad = slot.grad_view
-            slot.grad_seen = True
+
+    def _active_slots(self) -> list[list[bool]]:
+        """Which parameters to update, per bucket; foreign gradients (checked by
+        :meth:`_check_gradients`) are copied into the flat buffer and re-bound as views."""
+        for slot in self._slots:
+            grad = slot.param.grad
+            if grad is not None and not _is_view_of(grad, slot.grad_view):
+                slot.grad_view.copy_(grad)
+                slot.param.grad = slot.grad_view
+                slot.grad_seen = True
         return [
             [slot.param.grad is not None and slot.grad_seen for slot in bucket.slots]
             for bucket in self._buckets
@@ -437,6 +584,12 @@ class SLBI(ToolboxMixin, Optimizer):
     ) -> float | None:
         """Perform one SLBI step on every parameter that has a gradient.
 
+        Under ``torch.amp.GradScaler.step(opt)`` the gradients are unscaled as they are
+        read and, if they hold inf/NaN, nothing changes (W, Z, momentum, group norms);
+        the check runs on the device, except on a parameter's very first step with
+        momentum, where the host reads ``found_inf`` once so that the skipped step also
+        keeps the momentum "not started".
+
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
             record: append per-layer statistics of this step to the record file under
@@ -448,27 +601,47 @@ class SLBI(ToolboxMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Set by GradScaler.step() for this call only (it deletes them afterwards).
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        momentum_groups = {i for i, group in enumerate(self.param_groups) if group["momentum"] != 0}
         if torch.compiler.is_compiling():
             # Traced by Dynamo (``torch.compile``): the host-side bookkeeping (validation,
             # re-binding replaced storage or foreign gradients) runs in eager steps only,
             # and every parameter whose ``.grad`` is set is updated.
             active_by_bucket = [[slot.param.grad is not None for slot in b.slots] for b in self._buckets]
         else:
+            # Every check first, then the changes.
             if record:
-                self._check_record_args(path, layers)  # before anything changes
-            self._check_group_changes()
+                self._check_record_args(path, layers)
+            self._validate_groups()
+            self._check_gradients()
+            self._apply_group_changes()
             self._sync_storage()
             active_by_bucket = self._active_slots()
-        momentum_groups = {i for i, group in enumerate(self.param_groups) if group["momentum"] != 0}
+            if found_inf is not None and any(
+                on and slot.group_index in momentum_groups and not slot.momentum_ready
+                for bucket, active in zip(self._buckets, active_by_bucket, strict=True)
+                for slot, on in zip(bucket.slots, active, strict=True)
+            ):
+                # A first step keeps no trace on the device of being skipped (v is
+                # overwritten by u, not blended): decide here, once per parameter.
+                if found_inf.item() != 0:
+                    active_by_bucket = [[False] * len(bucket.slots) for bucket in self._buckets]
+                found_inf = None
+        amp_inputs: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
         for bucket, active in zip(self._buckets, active_by_bucket, strict=True):
             if not any(active):
                 continue
             if momentum_groups:
                 bucket.ensure_momentum()
+            if bucket.device not in amp_inputs:
+                amp_inputs[bucket.device] = _amp_inputs(grad_scale, found_inf, bucket.device)
+            inv_scale, bucket_found_inf = amp_inputs[bucket.device]
             if bucket.backend == "triton":
-                self._step_bucket_triton(bucket, active)
+                self._step_bucket_triton(bucket, active, inv_scale, bucket_found_inf)
             else:
-                self._step_bucket_torch(bucket, active)
+                self._step_bucket_torch(bucket, active, inv_scale, bucket_found_inf)
             for slot, on in zip(bucket.slots, active, strict=True):
                 if on and slot.group_index in momentum_groups:
                     slot.momentum_ready = True
@@ -476,26 +649,24 @@ class SLBI(ToolboxMixin, Optimizer):
         self._after_step(record=record, path=path, layers=layers)
         return loss
 
-    def _check_group_changes(self) -> None:
-        """Validate hyper-parameters edited in ``param_groups``; re-lay the buffers when
-        a group's penalty changed."""
-        relayout = False
+    def _validate_groups(self) -> None:
+        """Validate hyper-parameters and penalties edited in ``param_groups``."""
         for group_index, group in enumerate(self.param_groups):
-            _validate_hyperparameters(group, f"param group {group_index}")
-            for slot_param in group["params"]:
-                if group["penalty"] == "group" and slot_param.dim() < 2:
-                    raise ValueError(
-                        f"penalty 'group' needs a tensor of at least 2 dims (param group {group_index}, "
-                        f"shape {tuple(slot_param.shape)})"
-                    )
+            where = f"param group {group_index}"
+            _validate_hyperparameters(group, where)
+            _check_group_penalty(group["penalty"], group["params"], where)
+
+    def _apply_group_changes(self) -> None:
+        """Re-lay the buffers when a group's penalty changed (validated before)."""
         for slot in self._slots:
             group = self.param_groups[slot.group_index]
             if resolve_penalty(group["penalty"], slot.param) != slot.penalty:
-                relayout = True
-        if relayout:
-            self._rebuild_layout()
+                self._rebuild_layout()
+                return
 
-    def _step_bucket_torch(self, bucket: FlatBucket, active: list[bool]) -> None:
+    def _step_bucket_torch(
+        self, bucket: FlatBucket, active: list[bool], inv_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
         fused = self.fused if self.fused is not None else bucket.device.type == "cpu"
         fused = fused and not torch.compiler.is_compiling()  # an outer compile fuses it already
         for run in bucket.runs(active):
@@ -514,6 +685,7 @@ class SLBI(ToolboxMixin, Optimizer):
             )
             kwargs = {key: group[key] for key in _HPARAM_KEYS.values()}
             kwargs.update(penalty=run.penalty, momentum_ready=run.momentum_ready)
+            kwargs.update(inv_scale=inv_scale, found_inf=found_inf)
             # Compile the steady state only: a first step (momentum not ready) runs once.
             if fused and not self._fused_failed and (run.momentum_ready or not has_momentum):
                 try:
@@ -525,9 +697,11 @@ class SLBI(ToolboxMixin, Optimizer):
             else:
                 functional.slbi_update_(*args, **kwargs)
             if norms is not None:
-                functional.refresh_group_norms_(z, norms)
+                functional.refresh_group_norms_(z, norms, found_inf)
 
-    def _step_bucket_triton(self, bucket: FlatBucket, active: list[bool]) -> None:
+    def _step_bucket_triton(
+        self, bucket: FlatBucket, active: list[bool], inv_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
         launch = _triton_step()
         momentum = bucket.momentum if bucket.momentum is not None else bucket.params[:1]
         launch(
@@ -539,6 +713,8 @@ class SLBI(ToolboxMixin, Optimizer):
             bucket.chunks(),
             bucket.slot_flags(active),
             self._hparam_table(bucket.device),
+            inv_scale,
+            found_inf,
         )
 
     def _hparam_table(self, device: torch.device) -> Tensor:
@@ -559,6 +735,8 @@ class SLBI(ToolboxMixin, Optimizer):
                 row = [zero] * cf.HPARAM_FIELDS
                 for column, key in _HPARAM_KEYS.items():
                     row[column] = torch.as_tensor(group[key], dtype=torch.float32, device=device).reshape(())
+                use_momentum = group["momentum"] != 0
+                row[cf.HP_USE_MOMENTUM] = torch.as_tensor(use_momentum, dtype=torch.float32, device=device)
                 rows.append(torch.stack(row))
             return torch.stack(rows)
         values = []
@@ -566,6 +744,7 @@ class SLBI(ToolboxMixin, Optimizer):
             row = [0.0] * cf.HPARAM_FIELDS
             for column, key in _HPARAM_KEYS.items():
                 row[column] = _as_float(key, group[key])
+            row[cf.HP_USE_MOMENTUM] = float(row[cf.HP_MOMENTUM] != 0.0)
             values.extend(row)
         key = tuple(values)
         cached = self._hparam_tables.get(device)
@@ -576,23 +755,87 @@ class SLBI(ToolboxMixin, Optimizer):
 
     # -- state dict -----------------------------------------------------------------
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load optimizer state (also a ``torch.optim.SGD`` state dict: momentum is
-        kept, Z starts at 0) and rebuild the flat buffers from it."""
-        state_dict = dict(state_dict)
-        saved_groups = []
-        for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=False):
-            if saved.get("nesterov", False):
-                raise ValueError("the state dict uses Nesterov momentum, which SLBI does not implement")
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state in torch's layout, ready for ``torch.save``.
+
+        ``"state"`` maps each parameter's index to its ``"momentum_buffer"``, ``"z"``,
+        ``"group_norms"`` (float32 ‖Z_g‖ per output filter, as the last step computed
+        them) and the toolbox's ``"entry_epoch"`` / ``"order_magnitude"``;
+        ``"param_groups"`` holds the hyper-parameters; ``"slbi"`` the toolbox's path
+        history, frozen masks, step count and epoch.
+
+        Like ``torch.optim.SGD.state_dict()``, the tensors are the live state, not copies:
+        here views into the flat buffers, so the dict follows later steps (copy it, e.g.
+        with ``copy.deepcopy``, to keep a snapshot in memory). ``torch.save`` writes each
+        flat buffer once, whole, for all the views into it.
+        """
+        state_dict = super().state_dict()
+        state_dict["slbi"] = self._toolbox_state_dict()
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load optimizer state and rebuild the flat buffers from it.
+
+        Takes what :meth:`state_dict` returns, also through ``torch.save`` /
+        ``torch.load(weights_only=True, map_location=...)``; training then continues bit
+        for bit. Also takes a ``torch.optim.SGD`` state dict: its hyper-parameters and
+        momentum are kept, SLBI's own (``kappa``, ``mu``, ``lam``, ``penalty``) stay as
+        they are here, and Z starts at 0. Everything is validated before anything changes.
+
+        Args:
+            state_dict: optimizer state, as returned by :meth:`state_dict`.
+        """
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+            raise TypeError("state_dict must be a mapping with 'state' and 'param_groups' (opt.state_dict())")
+        saved_groups = list(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        merged_groups = []
+        targets: dict[Any, tuple[Tensor, str]] = {}  # saved index -> (parameter, penalty)
+        for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            where = f"loaded param group {index}"
+            for flag in ("nesterov", "maximize"):
+                if saved.get(flag, False):
+                    raise ValueError(f"{where} has {flag}=True, which SLBI does not implement")
+            if len(saved["params"]) != len(current["params"]):
+                raise ValueError(
+                    f"{where} has {len(saved['params'])} parameters, but param group {index} of this "
+                    f"optimizer has {len(current['params'])}"
+                )
+            # Saved values win (as in torch); SLBI's own keys missing from an SGD dict stay.
             merged = {k: v for k, v in current.items() if k not in ("params", "param_names")}
-            kept = (*self.defaults, "params", "param_names")
-            merged.update({k: v for k, v in saved.items() if k in kept})
-            saved_groups.append(merged)
-        state_dict["param_groups"] = saved_groups + list(state_dict["param_groups"][len(saved_groups) :])
-        for index, group in enumerate(saved_groups):
-            _validate_hyperparameters(group, f"loaded param group {index}")
-        super().load_state_dict(state_dict)
+            merged.update({k: v for k, v in saved.items() if k not in _SGD_ONLY_KEYS})
+            _validate_hyperparameters(merged, where)
+            _check_group_penalty(merged["penalty"], current["params"], where)
+            merged_groups.append(merged)
+            for key, param in zip(saved["params"], current["params"], strict=True):
+                targets[key] = (param, resolve_penalty(merged["penalty"], param))
+        state: dict[Any, Any] = {}
+        exact: dict[Tensor, dict[str, Tensor]] = {}
+        for key, entry in state_dict["state"].items():
+            if key not in targets:
+                state[key] = entry
+                continue
+            param, penalty = targets[key]
+            entry = {k: v for k, v in entry.items() if v is not None}  # SGD may store None
+            _check_loaded_state(entry, param, penalty, f"state of parameter {key}")
+            exact[param] = {k: entry.pop(k) for k in _EXACT_STATE_KEYS if k in entry}
+            if "z" in entry and entry["z"].dtype != param.dtype:
+                exact[param].pop("group_norms", None)  # Z gets rounded: recompute its norms
+            state[key] = entry
+        params_by_key = {key: param for key, (param, _) in targets.items()}
+        extras = state_dict.get("slbi")
+        self._check_toolbox_state(extras, params_by_key)
+        super().load_state_dict({**state_dict, "state": state, "param_groups": merged_groups})
+        for param, values in exact.items():
+            for key, value in values.items():
+                value = value.to(param.device)
+                self.state[param][key] = _as_epochs(value) if key == "entry_epoch" else value
         self._rebuild_layout()
+        self._load_toolbox_state(extras, params_by_key)
 
 
 @dataclass
@@ -625,5 +868,83 @@ class _GradSeenHook:
         self.slot.grad_seen = True
 
 
+# Every live SLBI, for the module parameter-registration hook below.
+_WATCHED: weakref.WeakSet[SLBI] = weakref.WeakSet()
+
+
+def _on_parameter_registration(module: torch.nn.Module, name: str, param: Tensor) -> None:
+    """Global ``register_parameter`` hook: tell each SLBI when a module attribute that
+    holds one of its parameters is given another Parameter (``load_state_dict(...,
+    assign=True)`` without swap, ``module.weight = nn.Parameter(...)``), which the
+    optimizer could not see otherwise: the old Parameter would silently stop training."""
+    old = module._parameters.get(name)
+    if old is not None and old is not param:
+        for optimizer in list(_WATCHED):
+            optimizer._note_replacement(module, name, old)
+
+
+@functools.cache
+def _install_registration_hook() -> None:
+    torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter_registration)
+
+
+def _watch_parameter_replacement(optimizer: SLBI) -> None:
+    _install_registration_hook()
+    _WATCHED.add(optimizer)
+
+
+def _check_parameter_tensor(param: Tensor, label: str) -> None:
+    if param.is_complex():
+        raise TypeError(f"{label} is complex ({param.dtype}); SLBI supports real parameters only")
+    if not param.is_floating_point():
+        raise TypeError(f"{label} has dtype {param.dtype}; SLBI needs floating-point parameters")
+    if param.is_sparse or param.layout != torch.strided:
+        raise TypeError(f"{label} has layout {param.layout}; SLBI needs dense (strided) parameters")
+
+
+def _check_loaded_state(entry: dict[str, Any], param: Tensor, penalty: str, where: str) -> None:
+    """Shapes and types of one parameter's loaded state, against the parameter."""
+    expected: dict[str, tuple[int, ...]] = {"z": tuple(param.shape), "momentum_buffer": tuple(param.shape)}
+    if penalty == "group":
+        expected["group_norms"] = (param.shape[0],)
+    if penalty != "none":
+        expected["entry_epoch"] = expected["order_magnitude"] = order_shape(param, penalty)
+    for key, shape in expected.items():
+        value = entry.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"{where}: {key!r} has shape {tuple(value.shape)}, expected {shape} for a parameter of "
+                f"shape {tuple(param.shape)} with penalty {penalty!r}"
+            )
+
+
+def _amp_inputs(
+    grad_scale: Tensor | None, found_inf: Tensor | None, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    """GradScaler's scale as the factor that unscales the gradients, and its inf flag,
+    on ``device``; device ops only (no host sync, traceable)."""
+    inv_scale = None
+    if grad_scale is not None:
+        # The reciprocal in float64, as GradScaler.unscale_ takes it: the fused step
+        # reads exactly the gradients an explicit unscale_() would have written.
+        inv_scale = grad_scale.double().reciprocal().float().to(device)
+    if found_inf is not None:
+        found_inf = found_inf.to(device=device, dtype=torch.float32)
+    return inv_scale, found_inf
+
+
 def _is_view_of(grad: Tensor, view: Tensor) -> bool:
+    if grad.layout != torch.strided:
+        return False
     return grad.data_ptr() == view.data_ptr() and grad.stride() == view.stride()
+
+
+def _lives_in(tensor: Tensor, flat: Tensor) -> bool:
+    """Whether ``tensor`` shares ``flat``'s storage."""
+    if tensor.device != flat.device:
+        return False
+    return tensor.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()

@@ -17,7 +17,7 @@ import math
 import numbers
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -28,11 +28,17 @@ from torch import Tensor
 from . import functional, recording
 from .buckets import FlatBucket, Slot
 
-__all__ = ["SENTINEL_EPOCH", "LayerSparsity", "ToolboxMixin", "UnknownLayerError"]
+__all__ = ["SENTINEL_EPOCH", "LayerSparsity", "ToolboxMixin", "UnknownLayerError", "order_shape"]
 
 SENTINEL_EPOCH = 2**20
 """Entry epoch of weights and filters that never entered the support. A power of two, so
 it survives a cast of the state to float32 or bfloat16 exactly, and far above any epoch."""
+
+
+def order_shape(param: Tensor, penalty: str) -> tuple[int, ...]:
+    """Shape of a penalised parameter's order state (``"entry_epoch"``,
+    ``"order_magnitude"``): the parameter's shape for l1, one per output filter for group."""
+    return (param.shape[0],) if penalty == "group" else tuple(param.shape)
 
 
 class UnknownLayerError(KeyError, ValueError):
@@ -502,6 +508,84 @@ class ToolboxMixin:
             if key in state:
                 state[key].masked_fill_(mask, 0)
 
+    def _rekey_param(self, old: Tensor, new: Tensor) -> None:
+        """``new`` takes ``old``'s place (a module was given a new Parameter): move the
+        frozen masks and the saved copy for :meth:`recover` over to it."""
+        self._frozen = {new if p is old else p: mask for p, mask in self._frozen.items()}
+        if self._snapshot is not None:
+            for saved in self._snapshot.saved:
+                if saved.param is old:
+                    saved.param = new
+            frozen = self._snapshot.frozen
+            self._snapshot.frozen = {new if p is old else p: mask for p, mask in frozen.items()}
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    def _toolbox_state_dict(self) -> dict[str, Any]:
+        """What ``state_dict()["slbi"]`` holds beyond ``state[param]``: the path history
+        by layer name, the frozen masks by parameter index, the step count and epoch.
+        Plain ints, lists and tensors: ``torch.load(weights_only=True)`` reads them."""
+        return {
+            "steps": self._step_calls.steps_done,
+            "current_epoch": self.current_epoch,
+            "order_path": {
+                name: {
+                    "epochs": list(path.epochs),
+                    "norms": torch.stack(path.norms),
+                    "selected": torch.stack(path.selected),
+                }
+                for name, path in self._order_path.items()
+                if path.epochs
+            },
+            "frozen": {
+                slot.index: self._frozen[slot.param] for slot in self._slots if slot.param in self._frozen
+            },
+        }
+
+    @staticmethod
+    def _check_toolbox_state(extras: Any, params: Mapping[Any, Tensor]) -> None:
+        """Validate ``state_dict()["slbi"]`` against the parameters (by saved index)."""
+        if extras is None:
+            return
+        if not isinstance(extras, Mapping):
+            raise TypeError(f"state_dict['slbi'] must be a dict, got {type(extras).__name__}")
+        for key, mask in extras.get("frozen", {}).items():
+            param = params.get(key)
+            if param is None:
+                raise ValueError(f"state_dict['slbi']['frozen'] names parameter {key!r}, which is not loaded")
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"frozen mask of parameter {key!r} must be a bool tensor")
+            if not _broadcasts_to(mask.shape, param.shape):
+                raise ValueError(
+                    f"frozen mask of parameter {key!r} has shape {tuple(mask.shape)}, which does not "
+                    f"broadcast to the parameter's {tuple(param.shape)}"
+                )
+        for name, path in extras.get("order_path", {}).items():
+            norms, selected = path["norms"], path["selected"]
+            if norms.dim() != 2 or selected.shape != norms.shape or norms.shape[0] != len(path["epochs"]):
+                raise ValueError(
+                    f"path history of {name!r}: {len(path['epochs'])} epochs, norms {tuple(norms.shape)}, "
+                    f"selected {tuple(selected.shape)}; expected (epochs, entries) for both"
+                )
+
+    def _load_toolbox_state(self, extras: Mapping[str, Any] | None, params: Mapping[Any, Tensor]) -> None:
+        """Replace the toolbox state by ``state_dict()["slbi"]`` (checked before); a
+        state dict without it (e.g. from ``torch.optim.SGD``) starts the toolbox afresh."""
+        extras = extras or {}
+        self._step_calls.steps_done = int(extras.get("steps", 0))
+        self.current_epoch = extras.get("current_epoch")
+        self._order_path = {
+            name: _LayerPath(
+                list(path["epochs"]),
+                list(path["norms"].float().cpu().unbind(0)),
+                list(path["selected"].bool().cpu().unbind(0)),
+            )
+            for name, path in extras.get("order_path", {}).items()
+        }
+        self._frozen = {
+            params[key]: mask.to(params[key].device) for key, mask in extras.get("frozen", {}).items()
+        }
+
     def _bucket_of(self, slot: Slot) -> FlatBucket:
         return next(bucket for bucket in self._buckets if any(s is slot for s in bucket.slots))
 
@@ -582,6 +666,13 @@ class ToolboxMixin:
                 position += 2
             rows.append(row)
         return rows
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
 
 
 def _work_dtype(tensor: Tensor) -> torch.dtype:

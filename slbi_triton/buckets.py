@@ -7,9 +7,11 @@ updates the whole bucket. A :class:`Slot` is one parameter's place in its bucket
 carries the name-indexed views the toolbox works on.
 
 Layout: slots are sorted by (param group, penalty, group size) so that the torch backend
-can update long *runs* of elements that share hyper-parameters with a few vectorised ops;
-each slot starts at a multiple of ``ALIGNMENT`` elements (vectorised loads on the GPU).
-Padding elements stay zero in every buffer and are left at zero by the update.
+can update long *runs* of elements that share hyper-parameters with a few vectorised ops.
+Slots with the same key are packed back to back (a group-penalty run must have no gap to
+be viewed as ``(groups, group_size)``); each new key starts at a multiple of
+``ALIGNMENT`` elements. Padding elements stay zero in every buffer and are left at zero
+by the update.
 """
 
 from __future__ import annotations
@@ -115,12 +117,18 @@ class FlatBucket:
         )
         offset = 0
         norm_offset = 0
+        previous_key = None
         for slot in self.slots:
+            key = (slot.group_index, slot.penalty, slot.group_size)
+            if key != previous_key:
+                offset = _align(offset)
+                previous_key = key
             slot.offset = offset
             slot.norm_offset = norm_offset
             slot.strides = _dense_strides(slot.param)
-            offset += _align(slot.numel)
+            offset += slot.numel
             norm_offset += slot.num_groups
+        offset = _align(offset)
         self.numel = offset
         kwargs = {"device": self.device, "dtype": self.dtype}
         self.params = torch.zeros(self.numel, **kwargs)

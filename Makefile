@@ -30,7 +30,8 @@ test: venv data
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: venv data
-	$(BIN)/python -m slbi_triton.train --model lenet --dataset mnist --out $(DEMO_OUT)
+	$(BIN)/python -m slbi_triton.train --model lenet --dataset mnist --optimizer slbi --device cpu \
+		--data-dir $(DATA_DIR) --out $(DEMO_OUT)
 
 bench: venv
 	$(BIN)/python -m benchmarks.report

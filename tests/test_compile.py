@@ -124,7 +124,10 @@ def test_triton_op_under_compile_matches_eager() -> None:
         assert rel_err(a, b) <= 1e-6
 
 
-def test_opcheck_bucket_step() -> None:
+@pytest.mark.parametrize("amp", [None, 0.0, 1.0], ids=["plain", "amp_finite", "amp_found_inf"])
+def test_opcheck_bucket_step(amp: float | None) -> None:
+    """Schema, fake implementation and aot dispatch of the custom op, with and without
+    GradScaler's inv_scale / found_inf inputs."""
     params = [nn.Parameter(torch.randn(s)) for s in [(5, 3, 2, 2), (7, 9), (4,)]]
     opt = SLBI(params, backend="triton")
     (bucket,) = opt._buckets
@@ -142,4 +145,6 @@ def test_opcheck_bucket_step() -> None:
         bucket.slot_flags([True] * len(bucket.slots)),
         opt._hparam_table(bucket.device),
     )
+    if amp is not None:
+        args = (*args, torch.tensor(0.25), torch.tensor(amp))
     torch.library.opcheck(slbi_step.slbi_bucket_step, copy.deepcopy(args))

@@ -69,7 +69,8 @@ def slbi_update_(
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    """One SLBI step (DESIGN.md §1) on a run of elements, in place, computed in float32.
+    """One SLBI step (DESIGN.md §1) on a run of elements, in place, computed in float32
+    (float64 for float64 parameters).
 
     Updates ``w``, ``z`` and ``v``; ``group_norms`` is read (‖Z_t‖) but not refreshed:
     call :func:`refresh_group_norms_` afterwards. (Inside one Inductor graph, refreshing
@@ -96,19 +97,19 @@ def slbi_update_(
     def store(dst: Tensor, old: Tensor, new: Tensor) -> None:
         dst.copy_(new if keep is None else torch.where(keep, old, new))
 
-    w32 = w.float()
-    g32 = g.float() if inv_scale is None else g.float() * inv_scale
+    w32 = _widen(w)
+    g32 = _widen(g) if inv_scale is None else _widen(g) * inv_scale
     u = g32 + weight_decay * w32  # u = g + wd · W_t
     if v is None:
         velocity = u
     else:
-        v32 = v.float()
+        v32 = _widen(v)
         velocity = momentum * v32 + (1.0 - dampening) * u if momentum_ready else u
         store(v, v32, velocity)
     if penalty == "none":
         store(w, w32, w32 - lr * kappa * velocity)
         return
-    z32 = z.float()
+    z32 = _widen(z)
     if penalty == "group":
         factor = group_shrink_factor(group_norms, lam)
         gamma = kappa * z32 * factor[:, None]
@@ -119,11 +120,16 @@ def slbi_update_(
     store(z, z32, z32 + (lr / mu) * residual)
 
 
+def _widen(t: Tensor) -> Tensor:
+    """The precision the update runs in: float32, or float64 for float64 tensors."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def refresh_group_norms_(z: Tensor, group_norms: Tensor, found_inf: Tensor | None = None) -> None:
     """Write ‖Z_g‖ of each row of the 2-D ``z`` (one group a row) into ``group_norms``;
     where ``found_inf`` (0-d) is non-zero, keep the old norms bit for bit."""
     if z.dtype == torch.float64:
-        z = z.float()  # vector_norm does not narrow its input; the update runs in float32 too
+        z = z.float()  # vector_norm does not narrow its input; the norm table is float32
     if found_inf is None:
         torch.linalg.vector_norm(z, dim=1, dtype=torch.float32, out=group_norms)
     else:

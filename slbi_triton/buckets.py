@@ -49,6 +49,7 @@ class Slot:
     # model.to() and load_state_dict(assign=True) under swap_module_params_on_conversion)
     # changes it, and with it drops the autograd hooks; ``.data =`` keeps it.
     impl: int = 0
+    data_ptr: int = 0  # where ``param_view`` starts, for the per-step fast check
 
     @property
     def label(self) -> str:

@@ -397,6 +397,7 @@ class SLBI(ToolboxMixin, Optimizer):
         param.data = slot.param_view
         param.grad = slot.grad_view
         slot.impl = param._cdata
+        slot.data_ptr = slot.param_view.data_ptr()
         norms_current = True
         z = state.get("z")
         if slot.z_view is not None:
@@ -536,7 +537,7 @@ class SLBI(ToolboxMixin, Optimizer):
             set_to_none: also set every ``param.grad`` to ``None`` (``step()`` re-binds
                 gradients that autograd creates afterwards). Default: ``False``.
         """
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not self._bindings_intact():
             self._sync_storage()  # so that the views below are views of the current buffers
         for bucket in self._buckets:
             bucket.grads.zero_()
@@ -558,15 +559,32 @@ class SLBI(ToolboxMixin, Optimizer):
             if grad.is_complex():
                 raise TypeError(f"SLBI does not support complex gradients ({label}, dtype {grad.dtype})")
 
-    def _active_slots(self) -> list[list[bool]]:
-        """Which parameters to update, per bucket; foreign gradients (checked by
-        :meth:`_check_gradients`) are copied into the flat buffer and re-bound as views."""
+    def _bindings_intact(self) -> bool:
+        """The common case, checked cheaply every step: every parameter still lives where
+        it was bound and its ``.grad`` is our view or ``None``, so there is nothing to
+        re-bind and no foreign gradient to check or copy."""
+        if self._replaced_in:
+            return False
         for slot in self._slots:
-            grad = slot.param.grad
-            if grad is not None and not _is_view_of(grad, slot.grad_view):
-                slot.grad_view.copy_(grad)
-                slot.param.grad = slot.grad_view
-                slot.grad_seen = True
+            param = slot.param
+            if param._cdata != slot.impl or param.data_ptr() != slot.data_ptr:
+                return False
+            grad = param.grad
+            if grad is not None and grad is not slot.grad_view:
+                return False
+        return True
+
+    def _active_slots(self, intact: bool = False) -> list[list[bool]]:
+        """Which parameters to update, per bucket; unless the bindings are ``intact``,
+        foreign gradients (checked by :meth:`_check_gradients`) are first copied into the
+        flat buffer and re-bound as views."""
+        if not intact:
+            for slot in self._slots:
+                grad = slot.param.grad
+                if grad is not None and not _is_view_of(grad, slot.grad_view):
+                    slot.grad_view.copy_(grad)
+                    slot.param.grad = slot.grad_view
+                    slot.grad_seen = True
         return [
             [slot.param.grad is not None and slot.grad_seen for slot in bucket.slots]
             for bucket in self._buckets
@@ -615,10 +633,13 @@ class SLBI(ToolboxMixin, Optimizer):
             if record:
                 self._check_record_args(path, layers)
             self._validate_groups()
-            self._check_gradients()
+            intact = self._bindings_intact()
+            if not intact:
+                self._check_gradients()
             self._apply_group_changes()
-            self._sync_storage()
-            active_by_bucket = self._active_slots()
+            if not intact:
+                self._sync_storage()
+            active_by_bucket = self._active_slots(intact)
             if found_inf is not None and any(
                 on and slot.group_index in momentum_groups and not slot.momentum_ready
                 for bucket, active in zip(self._buckets, active_by_bucket, strict=True)

@@ -537,6 +537,13 @@ class SLBI(ToolboxMixin, Optimizer):
             set_to_none: also set every ``param.grad`` to ``None`` (``step()`` re-binds
                 gradients that autograd creates afterwards). Default: ``False``.
         """
+        if torch.compiler.is_compiling() and set_to_none:
+            # A compiled step cannot re-bind gradients that autograd creates afresh: it
+            # would train on the stale flat buffer. Refuse rather than train wrongly.
+            raise RuntimeError(
+                "SLBI.zero_grad(set_to_none=True) inside torch.compile'd code: use opt.zero_grad() "
+                "(it zeroes the flat gradient buffer and keeps the views the compiled step reads)"
+            )
         if not torch.compiler.is_compiling() and not self._bindings_intact():
             self._sync_storage()  # so that the views below are views of the current buffers
         for bucket in self._buckets:

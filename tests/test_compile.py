@@ -148,3 +148,21 @@ def test_opcheck_bucket_step(amp: float | None) -> None:
     if amp is not None:
         args = (*args, torch.tensor(0.25), torch.tensor(amp))
     torch.library.opcheck(slbi_step.slbi_bucket_step, copy.deepcopy(args))
+
+
+@trace_backward
+def test_set_to_none_in_compiled_code_is_refused() -> None:
+    """A compiled step reads the flat gradient buffer: zero_grad(set_to_none=True) in
+    compiled code would leave fresh gradients outside it, so it is refused."""
+    model, opt, _, _ = make_run("torch", 0.1)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    x, y = batches(1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(Exception, match=r"zero_grad\(set_to_none=True\) inside torch.compile"):
+        torch.compile(train_step, backend="aot_eager", fullgraph=True)(x, y)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import functional
 from .kernels import chunk_format as cf
 
 ALIGNMENT = 16
@@ -174,7 +175,7 @@ class FlatBucket:
         for slot in self.slots if slots is None else slots:
             if slot.penalty == "group":
                 z_rows = self.flat_range(self.z, slot).view(slot.num_groups, -1)
-                self.norms_of(slot).copy_(torch.linalg.vector_norm(z_rows.float(), dim=1))
+                functional.refresh_group_norms_(z_rows, self.norms_of(slot))
 
     # -- per-step inputs ------------------------------------------------------------
 

@@ -88,12 +88,21 @@ def _validate_hyperparameters(group: dict[str, Any], where: str) -> None:
         raise ValueError(f"Invalid penalty ({where}): {penalty!r}; expected one of {PENALTIES}")
 
 
-def _check_group_penalty(penalty: str, params: Iterable[Tensor], where: str) -> None:
-    for position, param in enumerate(params):
-        if penalty == "group" and param.dim() < 2:
+def _check_group_penalty(
+    penalty: str, params: Iterable[Tensor], where: str, labels: Iterable[str] | None = None
+) -> None:
+    """Refuse penalty ``"group"`` on a 0-D/1-D parameter; ``labels`` name the parameters
+    in the message (default: their position in the group ``where``)."""
+    if penalty != "group":
+        return
+    params = list(params)
+    if labels is None:
+        labels = [f"parameter {position} of {where}" for position in range(len(params))]
+    for param, label in zip(params, labels, strict=True):
+        if param.dim() < 2:
             raise ValueError(
-                f"penalty 'group' needs a tensor of at least 2 dims, but parameter {position} of {where} "
-                f"has shape {tuple(param.shape)}; use penalty 'l1', 'none' or 'auto' for it"
+                f"penalty 'group' needs a tensor of at least 2 dims, but {label} has shape "
+                f"{tuple(param.shape)}; use penalty 'l1', 'none' or 'auto' for it"
             )
 
 
@@ -275,19 +284,18 @@ class SLBI(ToolboxMixin, Optimizer):
 
     def _validate_params(self, tensors: list[Any], names: list[str | None], penalty: str, where: str) -> None:
         seen = {id(p) for group in self.param_groups for p in group["params"]}
-        for position, (param, name) in enumerate(zip(tensors, names, strict=True)):
-            label = f"parameter {name!r}" if name is not None else f"parameter {position} of {where}"
+        labels = [
+            f"parameter {name!r}" if name is not None else f"parameter {position} of {where}"
+            for position, name in enumerate(names)
+        ]
+        for param, label in zip(tensors, labels, strict=True):
             if not isinstance(param, Tensor):
                 raise TypeError(f"{label} is not a Tensor but {type(param).__name__}")
             _check_parameter_tensor(param, label)
             if id(param) in seen:
                 raise ValueError(f"{label} appears more than once in the optimizer's parameters")
             seen.add(id(param))
-            if penalty == "group" and param.dim() < 2:
-                raise ValueError(
-                    f"penalty 'group' needs a tensor of at least 2 dims, but {label} has shape "
-                    f"{tuple(param.shape)}; use penalty 'l1', 'none' or 'auto' for it"
-                )
+        _check_group_penalty(penalty, tensors, where, labels)
 
     def assign_name(self, names: Iterable[str]) -> None:
         """Name the parameters in order (the paper's form ``SLBI(model.parameters())``).

@@ -92,6 +92,14 @@ class _LayerPath:
     norms: list[Tensor] = field(default_factory=list)
     selected: list[Tensor] = field(default_factory=list)
 
+    def as_dict(self) -> dict[str, Any]:
+        """``{"epochs", "norms" (E×G), "selected" (E×G)}``; the path must not be empty."""
+        return {
+            "epochs": list(self.epochs),
+            "norms": torch.stack(self.norms),
+            "selected": torch.stack(self.selected),
+        }
+
 
 class ToolboxMixin:
     """Name-indexed read-outs, recording, ordering and pruning for :class:`SLBI`.
@@ -343,11 +351,7 @@ class ToolboxMixin:
         if not path.epochs:
             empty = torch.empty(0, width)
             return {"epochs": [], "norms": empty, "selected": empty.bool()}
-        return {
-            "epochs": list(path.epochs),
-            "norms": torch.stack(path.norms),
-            "selected": torch.stack(path.selected),
-        }
+        return path.as_dict()
 
     # -- pruning --------------------------------------------------------------------
 
@@ -528,15 +532,7 @@ class ToolboxMixin:
         return {
             "steps": self._step_calls.steps_done,
             "current_epoch": self.current_epoch,
-            "order_path": {
-                name: {
-                    "epochs": list(path.epochs),
-                    "norms": torch.stack(path.norms),
-                    "selected": torch.stack(path.selected),
-                }
-                for name, path in self._order_path.items()
-                if path.epochs
-            },
+            "order_path": {name: path.as_dict() for name, path in self._order_path.items() if path.epochs},
             "frozen": {
                 slot.index: self._frozen[slot.param] for slot in self._slots if slot.param in self._frozen
             },

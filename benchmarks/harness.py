@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from slbi_triton.kernels import cpu_step
 from torch import nn
 from torch.optim import Optimizer
 
@@ -438,11 +439,12 @@ def _range_of(event: Any) -> str | None:
 
 
 def _cpu_dispatches(prof: torch.profiler.profile) -> dict[str, int]:
-    """Per range: top-level aten operators (metadata ops excluded) + compiled-graph calls."""
+    """Per range: top-level aten operators (metadata ops excluded), compiled-graph calls
+    and calls of the SLBI CPU kernel."""
     counts: dict[str, int] = {}
     for event in prof.events():
         name = event.name
-        if "CompiledFxGraph" not in name:
+        if "CompiledFxGraph" not in name and name != cpu_step.PROFILER_NAME:
             if not name.startswith("aten::") or name in _METADATA_OPS:
                 continue
             parent = event.cpu_parent

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from slbi_triton.kernels import cpu_step
 from torch import nn
 
 from benchmarks import harness as bh
@@ -94,6 +95,8 @@ def test_bench_set_accounting() -> None:
     # The instruments see the loop: one dispatch per tensor and more for the for-loop SGD.
     assert by_name["sgd-loop"].dispatches >= stats.tensors
     assert by_name["sgd-foreach"].dispatches < stats.tensors
+    if cpu_step.available(torch.float32):
+        assert by_name["slbi-torch"].dispatches == 1  # one C kernel call for the one bucket
 
 
 def test_state_bytes_counts_each_storage_once() -> None:

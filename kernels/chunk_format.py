@@ -39,3 +39,9 @@ PENALTY_CODES = {"none": 0, "l1": 1, "group": 2}
 # Tile geometry: TILE_ROWS rows per program, TILE_COLS columns per inner iteration.
 TILE_ROWS = 8
 TILE_COLS = 256
+
+# The CPU kernel's chunks are units of OpenMP work, not GPU programs, so they are larger:
+# CPU_TILE_ROWS filters, or CPU_TILE_ROWS * CPU_TILE_COLS elements of an l1/"none" tensor
+# (a smaller table: 2 bytes per filter instead of 8).
+CPU_TILE_ROWS = 32
+CPU_TILE_COLS = 2048

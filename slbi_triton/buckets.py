@@ -143,7 +143,7 @@ class FlatBucket:
             slot.grad_view = self.view_of(self.grads, slot)
             slot.z_view = self.view_of(self.z, slot) if slot.penalty != "none" else None
             slot.momentum_view = self.view_of(self.momentum, slot) if momentum else None
-        self._chunks: Tensor | None = None
+        self._chunks: dict[tuple[int, int], Tensor] = {}
         self._runs_cache: dict[tuple[bool, ...], list[Run]] = {}
         self._flags_cache: tuple[tuple[int, ...], Tensor] | None = None
 
@@ -192,14 +192,15 @@ class FlatBucket:
             self._flags_cache = (words, flags)
         return self._flags_cache[1]
 
-    def chunks(self) -> Tensor:
-        """The int64 chunk table of the fused kernel (built once per layout)."""
-        if self._chunks is None:
-            self._chunks = self._build_chunks().to(self.device)
-        return self._chunks
+    def chunks(self, rows_per_chunk: int = cf.TILE_ROWS, cols: int = cf.TILE_COLS) -> Tensor:
+        """The int64 chunk table of the fused kernels (built once per layout and geometry):
+        ``rows_per_chunk`` rows per chunk, a row being a filter or ``cols`` elements."""
+        key = (rows_per_chunk, cols)
+        if key not in self._chunks:
+            self._chunks[key] = self._build_chunks(rows_per_chunk, cols).to(self.device)
+        return self._chunks[key]
 
-    def _build_chunks(self) -> Tensor:
-        rows_per_chunk, cols = cf.TILE_ROWS, cf.TILE_COLS
+    def _build_chunks(self, rows_per_chunk: int, cols: int) -> Tensor:
         table: list[list[int]] = []
         for slot_index, slot in enumerate(self.slots):
             code = cf.PENALTY_CODES[slot.penalty]

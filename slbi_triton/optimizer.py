@@ -18,6 +18,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import functional
 from .buckets import FlatBucket, Slot
 from .kernels import chunk_format as cf
+from .kernels import cpu_step
 from .toolbox import ToolboxMixin, _as_epochs, order_shape
 
 __all__ = ["SLBI"]
@@ -157,10 +158,13 @@ class SLBI(ToolboxMixin, Optimizer):
             ``"l1"``, ``"group"`` or ``"none"``; per param group (default: ``"auto"``).
         backend: ``"auto"`` (Triton for CUDA buffers when Triton imports, torch
             otherwise), ``"torch"`` or ``"triton"`` (default: ``"auto"``).
-        fused: for the torch backend on the CPU, run each update as one loop compiled
-            by Inductor (``torch.compile``; the first steps pay the compile). ``None``
-            (default) turns it on for CPU buffers; ``False`` keeps plain eager ops. If
-            compiling fails the optimizer logs a warning and stays eager.
+        fused: for the torch backend on the CPU, run the step fused: float32 and float64
+            buckets in one pass of the C kernel ``slbi_step_cpu.c`` (built on first use
+            with the system C compiler, about 0.5 s, then cached on disk), other dtypes
+            as one Inductor-compiled loop per run of parameters (``torch.compile``).
+            ``None`` (default) turns it on for CPU buffers; ``False`` keeps plain eager
+            ops. Without a working compiler the optimizer logs a warning and falls back
+            to Inductor, then to eager ops.
 
     Example:
         >>> opt = SLBI(model.named_parameters(), lr=0.1, kappa=1, mu=100)
@@ -226,7 +230,7 @@ class SLBI(ToolboxMixin, Optimizer):
         self._layout_ready = False
         self._step_calls = _StepCalls()
         self._fused_failed = False
-        self._hparam_tables: dict[torch.device, tuple[tuple[float, ...], Tensor]] = {}
+        self._hparam_tables: dict[tuple[torch.device, torch.dtype], tuple[tuple[float, ...], Tensor]] = {}
         # Where a module's attribute that held one of our parameters was given another
         # Parameter (``load_state_dict(assign=True)``, ``module.weight = ...``):
         # id(our parameter) -> (our parameter, [(module, attribute name), ...]).
@@ -705,6 +709,21 @@ class SLBI(ToolboxMixin, Optimizer):
     ) -> None:
         fused = self.fused if self.fused is not None else bucket.device.type == "cpu"
         fused = fused and not torch.compiler.is_compiling()  # an outer compile fuses it already
+        if fused and bucket.device.type == "cpu" and cpu_step.available(bucket.dtype):
+            # One pass of the C kernel over the whole bucket, group norms included.
+            cpu_step.bucket_step(
+                bucket.params,
+                bucket.grads,
+                bucket.z,
+                bucket.momentum,
+                bucket.group_norms,
+                bucket.chunks(cf.CPU_TILE_ROWS, cf.CPU_TILE_COLS),
+                bucket.slot_flags(active),
+                self._hparam_table(bucket.device, torch.float64),
+                inv_scale,
+                found_inf,
+            )
+            return
         for run in bucket.runs(active):
             group = self.param_groups[run.group_index]
             has_momentum = group["momentum"] != 0
@@ -753,8 +772,9 @@ class SLBI(ToolboxMixin, Optimizer):
             found_inf,
         )
 
-    def _hparam_table(self, device: torch.device) -> Tensor:
-        """The float32 (num_groups, HPARAM_FIELDS) table on ``device``.
+    def _hparam_table(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The (num_groups, HPARAM_FIELDS) table on ``device``: float32 for the Triton
+        kernel, float64 for the CPU kernel (which forms its coefficients in double).
 
         With plain floats it is uploaded again only when a value changed. A traced
         step, or any hyper-parameter given as a tensor (e.g. ``lr=torch.tensor(0.1)``,
@@ -765,14 +785,14 @@ class SLBI(ToolboxMixin, Optimizer):
             isinstance(group[key], Tensor) for group in self.param_groups for key in _HPARAM_KEYS.values()
         )
         if tensor_valued or torch.compiler.is_compiling():
-            zero = torch.zeros((), dtype=torch.float32, device=device)
+            zero = torch.zeros((), dtype=dtype, device=device)
             rows = []
             for group in self.param_groups:
                 row = [zero] * cf.HPARAM_FIELDS
                 for column, key in _HPARAM_KEYS.items():
-                    row[column] = torch.as_tensor(group[key], dtype=torch.float32, device=device).reshape(())
+                    row[column] = torch.as_tensor(group[key], dtype=dtype, device=device).reshape(())
                 use_momentum = group["momentum"] != 0
-                row[cf.HP_USE_MOMENTUM] = torch.as_tensor(use_momentum, dtype=torch.float32, device=device)
+                row[cf.HP_USE_MOMENTUM] = torch.as_tensor(use_momentum, dtype=dtype, device=device)
                 rows.append(torch.stack(row))
             return torch.stack(rows)
         values = []
@@ -783,11 +803,11 @@ class SLBI(ToolboxMixin, Optimizer):
             row[cf.HP_USE_MOMENTUM] = float(row[cf.HP_MOMENTUM] != 0.0)
             values.extend(row)
         key = tuple(values)
-        cached = self._hparam_tables.get(device)
+        cached = self._hparam_tables.get((device, dtype))
         if cached is None or cached[0] != key:
-            table = torch.tensor(values, dtype=torch.float32).view(-1, cf.HPARAM_FIELDS).to(device)
-            self._hparam_tables[device] = (key, table)
-        return self._hparam_tables[device][1]
+            table = torch.tensor(values, dtype=dtype).view(-1, cf.HPARAM_FIELDS).to(device)
+            self._hparam_tables[(device, dtype)] = (key, table)
+        return self._hparam_tables[(device, dtype)][1]
 
     # -- state dict -----------------------------------------------------------------
 

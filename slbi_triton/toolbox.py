@@ -70,12 +70,14 @@ class LayerSparsity:
 
 @dataclass
 class _Saved:
-    """One parameter's W, Z and momentum before a ``prune_layer``/``use_w_star``."""
+    """One parameter's W, Z, momentum and group norms before a ``prune_layer``/``use_w_star``."""
 
     param: Tensor
     weight: Tensor
     z: Tensor | None
     momentum: Tensor | None
+    # ‖Z_g‖ as the step computed them: a recomputation can differ in the last bit.
+    group_norms: Tensor | None
 
 
 @dataclass
@@ -460,9 +462,10 @@ class ToolboxMixin:
             saved.param.copy_(saved.weight)
             if saved.z is not None and "z" in state:
                 state["z"].copy_(saved.z)
+            if saved.group_norms is not None and "group_norms" in state:
+                state["group_norms"].copy_(saved.group_norms)
             self._restore_momentum(slots[saved.param], saved.momentum)
         self._frozen = snapshot.frozen
-        self._refresh_group_norms({saved.param for saved in snapshot.saved})
 
     def _restore_momentum(self, slot: Slot, momentum: Tensor | None) -> None:
         state = self.state[slot.param]
@@ -492,13 +495,14 @@ class ToolboxMixin:
         saved = []
         for slot in slots:
             state = self.state[slot.param]
-            z, momentum = state.get("z"), state.get("momentum_buffer")
+            z, momentum, norms = state.get("z"), state.get("momentum_buffer"), state.get("group_norms")
             saved.append(
                 _Saved(
                     slot.param,
                     slot.param.detach().clone(),
                     None if z is None else z.clone(),
                     None if momentum is None else momentum.clone(),
+                    None if norms is None else norms.clone(),
                 )
             )
         self._snapshot = _Snapshot(saved, dict(self._frozen))

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from slbi_triton.kernels import cpu_step
 from torch import nn
 
 from slbi_triton import SLBI
@@ -146,8 +147,14 @@ def test_model_copy_unaffected() -> None:
         assert torch.equal(value, before[key]), key
 
 
-def test_fused_cpu_update_matches_eager() -> None:
-    """The Inductor-compiled torch backend (CPU default) equals plain eager ops."""
+@pytest.mark.parametrize("fused_path", ["c-kernel", "inductor"])
+def test_fused_cpu_update_matches_eager(fused_path: str, monkeypatch) -> None:
+    """The fused CPU step (the C kernel by default; Inductor where it cannot be built, and
+    for bf16/fp16 buckets) equals plain eager ops."""
+    if fused_path == "inductor":
+        monkeypatch.setattr(cpu_step, "available", lambda dtype: False)
+    elif not cpu_step.available(torch.float32):
+        pytest.skip("no C compiler")
     results = []
     for fused in (True, False):
         torch.manual_seed(0)

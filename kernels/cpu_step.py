@@ -141,6 +141,7 @@ def bucket_step(
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     num_threads: int | None = None,
+    check: bool = True,
 ) -> None:
     """Run one SLBI step over a flat CPU bucket in a single call of the C kernel.
 
@@ -155,6 +156,8 @@ def bucket_step(
         found_inf: optional float32 1-element tensor: when non-zero, nothing is written.
         num_threads: OpenMP threads (default: ``torch.get_num_threads()``); the result
             does not depend on it.
+        check: verify every buffer's device, layout, dtype and size first (the kernel
+            trusts raw pointers); the optimizer, which built the buffers, skips it.
 
     Raises:
         RuntimeError: if the kernel is not available (see :func:`available`).
@@ -176,7 +179,8 @@ def bucket_step(
         "inv_scale": (inv_scale, torch.float32, 1),
         "found_inf": (found_inf, torch.float32, 1),
     }
-    _check_buffers(buffers)
+    if check:
+        _check_buffers(buffers)
     addresses = [None if tensor is None else tensor.data_ptr() for tensor, _, _ in buffers.values()]
     addresses.insert(6, chunks.shape[0])  # num_chunks follows the chunk table
     threads = num_threads if num_threads is not None else torch.get_num_threads()

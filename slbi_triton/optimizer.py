@@ -37,6 +37,7 @@ _HPARAM_KEYS = {
     cf.HP_DAMPENING: "dampening",
     cf.HP_WEIGHT_DECAY: "weight_decay",
 }
+_VALIDATED_KEYS = (*_HPARAM_KEYS.values(), "penalty")
 
 
 def _triton_step() -> Callable[..., None] | None:
@@ -59,18 +60,24 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _as_float(name: str, value: Any) -> float:
+def _as_float(name: str, value: Any, read_device: bool = True) -> float | None:
+    """``value`` as a float; ``None`` for a tensor on an accelerator when not
+    ``read_device`` (reading it would wait for the device)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+        if not read_device and value.device.type != "cpu":
+            return None
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
     return float(value)
 
 
-def _validate_hyperparameters(group: dict[str, Any], where: str) -> None:
-    """Raise ValueError/TypeError naming the first bad hyper-parameter of ``group``."""
+def _validate_hyperparameters(group: dict[str, Any], where: str, read_device: bool = True) -> None:
+    """Raise ValueError/TypeError naming the first bad hyper-parameter of ``group``; the
+    values of accelerator tensors are checked only when ``read_device`` (not per step:
+    the step never waits for the device)."""
     checks: dict[str, tuple[Callable[[float], bool], str]] = {
         "lr": (lambda x: x >= 0.0, "a finite number >= 0"),
         "kappa": (lambda x: x > 0.0, "a finite number > 0"),
@@ -81,7 +88,9 @@ def _validate_hyperparameters(group: dict[str, Any], where: str) -> None:
         "weight_decay": (lambda x: x >= 0.0, "a finite number >= 0"),
     }
     for key, (ok, expected) in checks.items():
-        value = _as_float(f"{key} ({where})", group[key])
+        value = _as_float(f"{key} ({where})", group[key], read_device)
+        if value is None:
+            continue
         if not math.isfinite(value) or not ok(value):
             raise ValueError(f"Invalid {key} ({where}): {group[key]!r}; expected {expected}")
     penalty = group["penalty"]
@@ -230,6 +239,10 @@ class SLBI(ToolboxMixin, Optimizer):
         self._layout_ready = False
         self._step_calls = _StepCalls()
         self._fused_failed = False
+        # Per param group, the plain values last found valid (see _validate_groups), and
+        # the penalties the layout was last checked against (see _apply_group_changes).
+        self._valid_groups: dict[int, tuple[Any, ...]] = {}
+        self._checked_penalties: tuple[str, ...] | None = None
         self._hparam_tables: dict[tuple[torch.device, torch.dtype], tuple[tuple[float, ...], Tensor]] = {}
         # Where a module's attribute that held one of our parameters was given another
         # Parameter (``load_state_dict(assign=True)``, ``module.weight = ...``):
@@ -690,19 +703,30 @@ class SLBI(ToolboxMixin, Optimizer):
         return loss
 
     def _validate_groups(self) -> None:
-        """Validate hyper-parameters and penalties edited in ``param_groups``."""
+        """Validate hyper-parameters and penalties edited in ``param_groups``; a group
+        whose values are plain numbers that were valid last step is not checked again."""
         for group_index, group in enumerate(self.param_groups):
+            values = (*(group[key] for key in _VALIDATED_KEYS), id(group["params"]), len(group["params"]))
+            plain = not any(isinstance(value, Tensor) for value in values)
+            if plain and self._valid_groups.get(group_index) == values:
+                continue
             where = f"param group {group_index}"
-            _validate_hyperparameters(group, where)
+            _validate_hyperparameters(group, where, read_device=False)
             _check_group_penalty(group["penalty"], group["params"], where)
+            if plain:
+                self._valid_groups[group_index] = values
 
     def _apply_group_changes(self) -> None:
         """Re-lay the buffers when a group's penalty changed (validated before)."""
+        penalties = tuple(group["penalty"] for group in self.param_groups)
+        if penalties == self._checked_penalties:
+            return
         for slot in self._slots:
             group = self.param_groups[slot.group_index]
             if resolve_penalty(group["penalty"], slot.param) != slot.penalty:
                 self._rebuild_layout()
-                return
+                break
+        self._checked_penalties = penalties
 
     def _step_bucket_torch(
         self, bucket: FlatBucket, active: list[bool], inv_scale: Tensor | None, found_inf: Tensor | None
@@ -722,6 +746,7 @@ class SLBI(ToolboxMixin, Optimizer):
                 self._hparam_table(bucket.device, torch.float64),
                 inv_scale,
                 found_inf,
+                check=False,  # the buffers and tables are built by the bucket
             )
             return
         for run in bucket.runs(active):

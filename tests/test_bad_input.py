@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from slbi_triton import SLBI
+from slbi_triton.optimizer import _validate_hyperparameters
 from slbi_triton.toolbox import UnknownLayerError
 
 
@@ -170,6 +171,23 @@ def test_bad_param_groups_at_step_change_nothing() -> None:
             opt.step()
         opt.param_groups[0][key] = good
         assert_same(before, everything(model, opt))
+
+
+def test_tensor_lr_edited_in_place_is_checked_at_step() -> None:
+    """Plain values that passed are not checked again, tensors are (a scheduler edits them
+    in place); a tensor on an accelerator is not read per step (that would wait for it)."""
+    model, opt = trained()
+    opt.param_groups[0]["lr"] = torch.tensor(0.1)
+    opt.step()
+    opt.param_groups[0]["lr"].fill_(-1.0)
+    before = everything(model, opt)
+    with pytest.raises(ValueError, match=r"Invalid lr \(param group 0\): tensor\(-1\.\)"):
+        opt.step()
+    assert_same(before, everything(model, opt))
+    group = {**opt.defaults, "lr": torch.tensor(-1.0, device="meta")}
+    _validate_hyperparameters(group, "param group 0", read_device=False)  # no .item() on meta
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        _validate_hyperparameters(group, "param group 0")
 
 
 def test_bad_add_param_group_changes_nothing() -> None:

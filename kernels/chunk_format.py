@@ -1,15 +1,17 @@
-"""The tables the fused SLBI kernel reads, shared by the kernel and the Python layer.
+"""The tables the fused SLBI kernels read, shared by the kernels and the Python layer.
 
-A bucket's work is cut into *chunks*; one Triton program handles one chunk, a tile of
-``TILE_ROWS`` rows. A row is one filter ``Z_g`` for group-penalised tensors (so a program
-owns whole groups and can reduce ``‖Z_g‖`` without atomics) and a run of ``TILE_COLS``
-consecutive elements otherwise. A chunk never crosses a parameter boundary.
+A bucket's work is cut into *chunks*; one Triton program (or one unit of OpenMP work of
+the CPU kernel) handles one chunk of ``TILE_ROWS`` (``CPU_TILE_ROWS``) rows. A row is one
+filter ``Z_g`` for group-penalised tensors (so a chunk owns whole groups and can reduce
+``‖Z_g‖`` without atomics) and a run of ``TILE_ROW_LEN`` (``CPU_TILE_ROW_LEN``)
+consecutive elements otherwise. A chunk never crosses a parameter boundary. The C kernel
+gets these constants as ``-D`` defines (``cpu_step.py``).
 """
 
-# Columns of the int64 chunk table, one row per chunk.
+# Columns of the chunk table (int64; int32 for the Triton kernel while offsets fit).
 CHUNK_START = 0  # flat offset of the chunk's first element
 CHUNK_ROWS = 1  # number of rows in the chunk (<= TILE_ROWS)
-CHUNK_ROW_LEN = 2  # elements per row: the group size, or TILE_COLS
+CHUNK_ROW_LEN = 2  # elements per row: the group size, or TILE_ROW_LEN / CPU_TILE_ROW_LEN
 CHUNK_END = 3  # flat offset one past the parameter's last element
 CHUNK_SLOT = 4  # index of the parameter in its bucket (for its flags)
 CHUNK_HPARAM_ROW = 5  # row of the hyper-parameter table (the param group)
@@ -36,12 +38,15 @@ FLAG_MOMENTUM_READY = 2  # its momentum buffer holds v_t (else v_{t+1} = u)
 
 PENALTY_CODES = {"none": 0, "l1": 1, "group": 2}
 
-# Tile geometry: TILE_ROWS rows per program, TILE_COLS columns per inner iteration.
+# Tile geometry of the Triton kernel: TILE_ROWS rows per program, TILE_COLS columns per
+# inner iteration. A row of an l1/"none" tensor is TILE_ROW_LEN elements (a multiple of
+# TILE_COLS: the program loops over it), so one program covers 64K elements of such a
+# tensor and the table stays O(filters + elements / 64K).
 TILE_ROWS = 8
 TILE_COLS = 256
+TILE_ROW_LEN = 8192
 
-# The CPU kernel's chunks are units of OpenMP work, not GPU programs, so they are larger:
-# CPU_TILE_ROWS filters, or CPU_TILE_ROWS * CPU_TILE_COLS elements of an l1/"none" tensor
-# (a smaller table: 2 bytes per filter instead of 8).
+# The CPU kernel's chunks are units of OpenMP work: CPU_TILE_ROWS filters, or
+# CPU_TILE_ROWS * CPU_TILE_ROW_LEN elements of an l1/"none" tensor.
 CPU_TILE_ROWS = 32
-CPU_TILE_COLS = 2048
+CPU_TILE_ROW_LEN = 2048

@@ -204,7 +204,7 @@ def slbi_bucket_step(
         params, grads, z, momentum: flat 1-D buffers of the bucket (same length and
             dtype; ``momentum`` may be a 1-element placeholder when no group uses it).
         group_norms: float32 table of ‖Z_g‖, read for Γ_t and overwritten with ‖Z_{t+1,g}‖.
-        chunks: int64 ``(num_chunks, CHUNK_FIELDS)`` table (see ``chunk_format``).
+        chunks: int32 or int64 ``(num_chunks, CHUNK_FIELDS)`` table (see ``chunk_format``).
         slot_flags: int32 flag word per parameter (``FLAG_ACTIVE | FLAG_MOMENTUM_READY``).
         hparams: float32 ``(num_groups, HPARAM_FIELDS)`` hyper-parameter table.
         inv_scale: optional float32 1-element tensor: gradients are multiplied by it

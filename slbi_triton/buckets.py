@@ -143,7 +143,7 @@ class FlatBucket:
             slot.grad_view = self.view_of(self.grads, slot)
             slot.z_view = self.view_of(self.z, slot) if slot.penalty != "none" else None
             slot.momentum_view = self.view_of(self.momentum, slot) if momentum else None
-        self._chunks: dict[tuple[int, int], Tensor] = {}
+        self._chunks: dict[str, Tensor] = {}
         self._runs_cache: dict[tuple[bool, ...], list[Run]] = {}
         self._flags_cache: tuple[tuple[int, ...], Tensor] | None = None
 
@@ -192,15 +192,22 @@ class FlatBucket:
             self._flags_cache = (words, flags)
         return self._flags_cache[1]
 
-    def chunks(self, rows_per_chunk: int = cf.TILE_ROWS, cols: int = cf.TILE_COLS) -> Tensor:
-        """The int64 chunk table of the fused kernels (built once per layout and geometry):
-        ``rows_per_chunk`` rows per chunk, a row being a filter or ``cols`` elements."""
-        key = (rows_per_chunk, cols)
-        if key not in self._chunks:
-            self._chunks[key] = self._build_chunks(rows_per_chunk, cols).to(self.device)
-        return self._chunks[key]
+    def chunks(self, kernel: str = "triton") -> Tensor:
+        """The chunk table of the fused ``kernel`` (``"triton"`` or ``"cpu"``), built once
+        per layout. The Triton table is int32 (half the bytes) while every offset fits."""
+        if kernel not in self._chunks:
+            if kernel == "triton":
+                table = self._build_chunks(cf.TILE_ROWS, cf.TILE_ROW_LEN)
+                if self.numel < 2**31 and self.group_norms.numel() < 2**31:
+                    table = table.int()
+            else:
+                table = self._build_chunks(cf.CPU_TILE_ROWS, cf.CPU_TILE_ROW_LEN)
+            self._chunks[kernel] = table.to(self.device)
+        return self._chunks[kernel]
 
     def _build_chunks(self, rows_per_chunk: int, cols: int) -> Tensor:
+        """int64 table: ``rows_per_chunk`` rows per chunk, a row being one filter (group
+        penalty) or ``cols`` consecutive elements."""
         table: list[list[int]] = []
         for slot_index, slot in enumerate(self.slots):
             code = cf.PENALTY_CODES[slot.penalty]
@@ -208,7 +215,11 @@ class FlatBucket:
             if slot.penalty == "group":
                 row_len, total_rows = slot.group_size, slot.num_groups
             else:
-                row_len, total_rows = cols, -(-slot.numel // cols)
+                # Rows of ``cols`` elements; a tensor smaller than one chunk gets shorter
+                # rows (whole TILE_COLS tiles), so its program does no masked-out iterations.
+                per_row = -(-slot.numel // rows_per_chunk)
+                row_len = min(cols, -(-per_row // cf.TILE_COLS) * cf.TILE_COLS)
+                total_rows = -(-slot.numel // row_len)
             for first_row in range(0, total_rows, rows_per_chunk):
                 table.append(
                     [

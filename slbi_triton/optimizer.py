@@ -741,7 +741,7 @@ class SLBI(ToolboxMixin, Optimizer):
                 bucket.z,
                 bucket.momentum,
                 bucket.group_norms,
-                bucket.chunks(cf.CPU_TILE_ROWS, cf.CPU_TILE_COLS),
+                bucket.chunks("cpu"),
                 bucket.slot_flags(active),
                 self._hparam_table(bucket.device, torch.float64),
                 inv_scale,

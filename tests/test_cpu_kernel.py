@@ -90,7 +90,7 @@ def _bucket_inputs(seed: int):
     opt.step()
     bucket = opt._buckets[0]
     active = [True] * len(bucket.slots)
-    chunks = bucket.chunks(cf.CPU_TILE_ROWS, cf.CPU_TILE_COLS)
+    chunks = bucket.chunks("cpu")
     tables = (chunks, bucket.slot_flags(active), opt._hparam_table(bucket.device, torch.float64))
     buffers = (bucket.params, bucket.grads, bucket.z, bucket.momentum, bucket.group_norms)
     return [b.clone() for b in buffers], tables

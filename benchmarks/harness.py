@@ -47,9 +47,11 @@ import gc
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -548,6 +550,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int =
     samples = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, rounds=repeats, warmup=2,
                                   min_sample_s=0.01)
     return 2 * numel * 4 / statistics.median(samples["copy"])
+
+
+def cpu_kernel_build_seconds() -> float | None:
+    """Seconds to build the SLBI CPU kernel (float32) into an empty cache folder: the
+    one-off cost the first step pays on a new machine; ``None`` without a C compiler."""
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        built = cpu_step.build(torch.float32, Path(scratch))
+        return time.perf_counter() - start if built is not None else None
 
 
 def clone_params(named: NamedParams) -> NamedParams:

@@ -189,6 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["copy_bandwidth_gbs"] = copy_bw / 1e9
     print(f"# copy bandwidth floor: {copy_bw / 1e9:.1f} GB/s ({copy_bytes >> 20} MiB copy_)", flush=True)
     print(f"# contenders: {', '.join(c.name for c in contenders)}; default SLBI: {default}", flush=True)
+    if device.type == "cpu":
+        # The C kernel's one-off build (the torch backend's "compile cost" on the CPU);
+        # afterwards it is loaded from the disk cache, so the tables' 1st step omits it.
+        meta["cpu_kernel_build_s"] = bh.cpu_kernel_build_seconds()
+        built = meta["cpu_kernel_build_s"]
+        print("# CPU kernel build (float32, empty cache): "
+              + ("no C compiler" if built is None else f"{built:.2f}s"), flush=True)
 
     rows: list[bh.Row] = []
     train_rows: list[bh.TrainRow] = []

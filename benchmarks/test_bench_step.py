@@ -224,6 +224,8 @@ def test_report_cli_quick(tmp_path: Path) -> None:
     assert {r["contender"] for r in data["rows"] if r["set"] == "lenet5@bfloat16"} == contenders - {"paper"}
     assert all(r["error"] is None for r in data["rows"])
     assert data["meta"]["copy_bandwidth_gbs"] > 0
+    if cpu_step.available(torch.float32):
+        assert 0 < data["meta"]["cpu_kernel_build_s"] < 120  # a real build, into an empty folder
     assert {t["verdict"] for t in data["targets"]} <= {"PASS", "FAIL", "N/A"}
     assert "| set |" in out_md.read_text()
 

@@ -54,7 +54,9 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """Where built kernels are kept: ``$SLBI_TRITON_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/slbi_triton``, else ``~/.cache/slbi_triton``."""
     root = os.environ.get("SLBI_TRITON_CACHE_DIR")
     if root:
         return Path(root)
@@ -73,8 +75,12 @@ def _machine_key() -> str:
     return "".join(described)
 
 
-def _build(scalar: str) -> Path | None:
-    """Compile the kernel for ``scalar`` (cached by source, flags, compiler and CPU)."""
+def build(dtype: torch.dtype, cache_dir: Path | None = None) -> Path | None:
+    """Compile the kernel for buckets of ``dtype`` into ``cache_dir`` (default:
+    :func:`default_cache_dir`), unless a build for the same source, flags, compiler and
+    CPU is there already; the path of the shared library, or ``None`` (logged) when no
+    compiler works."""
+    scalar = SCALARS[dtype]
     compiler = _compiler()
     if compiler is None:
         logger.warning("SLBI: no C compiler found ($CC, cc, gcc); the CPU step uses Inductor instead")
@@ -91,7 +97,7 @@ def _build(scalar: str) -> Path | None:
         key = hashlib.sha256(
             b"\0".join([source, " ".join(flags).encode(), version.encode(), _machine_key().encode()])
         ).hexdigest()[:24]
-        target = _cache_dir() / f"slbi_step_cpu_{scalar}_{key}.so"
+        target = (cache_dir or default_cache_dir()) / f"slbi_step_cpu_{scalar}_{key}.so"
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +119,7 @@ def _build(scalar: str) -> Path | None:
 @functools.cache
 def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
     with _BUILD_LOCK:
-        path = _build(SCALARS[dtype])
+        path = build(dtype)
     if path is None:
         return None
     library = ctypes.CDLL(str(path))

@@ -35,6 +35,7 @@ demo: venv data
 
 bench: venv
 	$(BIN)/python -m benchmarks.report
+	$(BIN)/python -m benchmarks.traffic_floor
 
 lint: venv
 	$(BIN)/ruff check .

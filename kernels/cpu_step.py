@@ -218,3 +218,34 @@ def _check_buffers(buffers: dict[str, tuple[Tensor | None, torch.dtype, int | No
     if hparams.dim() != 2 or hparams.shape[1] != cf.HPARAM_FIELDS:
         shape = tuple(hparams.shape)
         raise ValueError(f"hparams must have shape (num_groups, {cf.HPARAM_FIELDS}), got {shape}")
+
+
+@torch.library.custom_op(
+    "slbi_triton::cpu_bucket_step",
+    mutates_args=("params", "z", "momentum", "group_norms"),
+    device_types="cpu",
+)
+def cpu_bucket_step(
+    params: Tensor,
+    grads: Tensor,
+    z: Tensor,
+    momentum: Tensor | None,
+    group_norms: Tensor,
+    chunks: Tensor,
+    slot_flags: Tensor,
+    hparams: Tensor,
+    inv_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """:func:`bucket_step` as a torch custom op (``torch.ops.slbi_triton.cpu_bucket_step``):
+    inside ``torch.compile`` the CPU step is one opaque, correctly ordered mutation of
+    ``params``, ``z``, ``momentum`` and ``group_norms``, the same kernel as in eager mode."""
+    bucket_step(params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, inv_scale, found_inf)
+
+
+@cpu_bucket_step.register_fake
+def _(
+    params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, inv_scale=None, found_inf=None
+) -> None:
+    # Mutations only, no outputs: nothing to describe to the tracer.
+    return None

@@ -144,6 +144,9 @@ class FlatBucket:
             slot.z_view = self.view_of(self.z, slot) if slot.penalty != "none" else None
             slot.momentum_view = self.view_of(self.momentum, slot) if momentum else None
         self._chunks: dict[str, Tensor] = {}
+        # Set by the optimizer: "torch" or "triton", and whether the CPU C kernel runs it.
+        self.backend = "torch"
+        self.cpu_kernel = False
         self._runs_cache: dict[tuple[bool, ...], list[Run]] = {}
         self._flags_cache: tuple[tuple[int, ...], Tensor] | None = None
 

@@ -376,8 +376,16 @@ class SLBI(ToolboxMixin, Optimizer):
             )
             bucket = FlatBucket(bucket_slots, momentum=needs_momentum)
             bucket.backend = self._resolve_backend(bucket.device)
+            bucket.cpu_kernel = (
+                bucket.backend == "torch"
+                and bucket.device.type == "cpu"
+                and self.fused is not False
+                and cpu_step.available(bucket.dtype)
+            )
             if bucket.backend == "triton":
-                bucket.chunks()  # built once here, never inside a traced step
+                bucket.chunks("triton")  # built once here, never inside a traced step
+            elif bucket.cpu_kernel:
+                bucket.chunks("cpu")
             stale_norms = [
                 slot
                 for slot in bucket.slots
@@ -731,11 +739,9 @@ class SLBI(ToolboxMixin, Optimizer):
     def _step_bucket_torch(
         self, bucket: FlatBucket, active: list[bool], inv_scale: Tensor | None, found_inf: Tensor | None
     ) -> None:
-        fused = self.fused if self.fused is not None else bucket.device.type == "cpu"
-        fused = fused and not torch.compiler.is_compiling()  # an outer compile fuses it already
-        if fused and bucket.device.type == "cpu" and cpu_step.available(bucket.dtype):
+        if bucket.cpu_kernel:
             # One pass of the C kernel over the whole bucket, group norms included.
-            cpu_step.bucket_step(
+            args = (
                 bucket.params,
                 bucket.grads,
                 bucket.z,
@@ -746,9 +752,14 @@ class SLBI(ToolboxMixin, Optimizer):
                 self._hparam_table(bucket.device, torch.float64),
                 inv_scale,
                 found_inf,
-                check=False,  # the buffers and tables are built by the bucket
             )
+            if torch.compiler.is_compiling():
+                torch.ops.slbi_triton.cpu_bucket_step(*args)  # one opaque op in the graph
+            else:
+                cpu_step.bucket_step(*args, check=False)  # the bucket built these buffers
             return
+        fused = self.fused if self.fused is not None else bucket.device.type == "cpu"
+        fused = fused and not torch.compiler.is_compiling()  # an outer compile fuses it already
         for run in bucket.runs(active):
             group = self.param_groups[run.group_index]
             has_momentum = group["momentum"] != 0
@@ -815,7 +826,13 @@ class SLBI(ToolboxMixin, Optimizer):
             for group in self.param_groups:
                 row = [zero] * cf.HPARAM_FIELDS
                 for column, key in _HPARAM_KEYS.items():
-                    row[column] = torch.as_tensor(group[key], dtype=dtype, device=device).reshape(())
+                    value = group[key]
+                    if isinstance(value, Tensor):
+                        row[column] = value.to(device=device, dtype=dtype).reshape(())
+                    else:
+                        # Traced, ``zero + value`` keeps a float an input of the graph
+                        # (torch.as_tensor(value) would bake it in: a recompile per lr).
+                        row[column] = zero + value
                 use_momentum = group["momentum"] != 0
                 row[cf.HP_USE_MOMENTUM] = torch.as_tensor(use_momentum, dtype=dtype, device=device)
                 rows.append(torch.stack(row))

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from slbi_triton.kernels import slbi_step
+from slbi_triton.kernels import cpu_step, slbi_step
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -60,10 +60,11 @@ def test_train_step_has_no_graph_break() -> None:
 
 
 @trace_backward
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("lr", [0.1, "tensor"], ids=["float_lr", "tensor_lr"])
-def test_scheduler_changing_lr_causes_no_recompile(lr) -> None:
+def test_scheduler_changing_lr_causes_no_recompile(lr, backend: str) -> None:
     lr = torch.tensor(0.1) if lr == "tensor" else lr
-    _, opt, scheduler, train_step = make_run("torch", lr)
+    _, opt, scheduler, train_step = make_run(backend, lr)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(train_step, backend=counter, fullgraph=True)
     data = batches(12)
@@ -124,13 +125,33 @@ def test_triton_op_under_compile_matches_eager() -> None:
         assert rel_err(a, b) <= 1e-6
 
 
+@trace_backward
+def test_cpu_kernel_is_one_op_of_the_compiled_graph() -> None:
+    """On the CPU the compiled step calls the C kernel's custom op (not traced torch math)."""
+    _, opt, _, train_step = make_run("torch", 0.1)
+    assert opt._buckets[0].cpu_kernel
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module.code)
+        return graph_module.forward
+
+    compiled = torch.compile(train_step, backend=capture, fullgraph=True)
+    for x, y in batches(2):
+        compiled(x, y)
+    assert graphs and all(code.count("slbi_triton.cpu_bucket_step") == 1 for code in graphs)
+
+
 @pytest.mark.parametrize("amp", [None, 0.0, 1.0], ids=["plain", "amp_finite", "amp_found_inf"])
-def test_opcheck_bucket_step(amp: float | None) -> None:
-    """Schema, fake implementation and aot dispatch of the custom op, with and without
+@pytest.mark.parametrize("op", ["triton", "cpu"])
+def test_opcheck_bucket_step(amp: float | None, op: str) -> None:
+    """Schema, fake implementation and aot dispatch of the custom ops, with and without
     GradScaler's inv_scale / found_inf inputs."""
     params = [nn.Parameter(torch.randn(s)) for s in [(5, 3, 2, 2), (7, 9), (4,)]]
-    opt = SLBI(params, backend="triton")
+    opt = SLBI(params, backend="triton" if op == "triton" else "torch")
     (bucket,) = opt._buckets
+    if op == "cpu" and not bucket.cpu_kernel:
+        pytest.skip("no C compiler")
     for slot in opt._slots:
         slot.param.grad.normal_()
     bucket.z.normal_()
@@ -141,13 +162,14 @@ def test_opcheck_bucket_step(amp: float | None) -> None:
         bucket.z,
         bucket.momentum,
         bucket.group_norms,
-        bucket.chunks(),
+        bucket.chunks(op),
         bucket.slot_flags([True] * len(bucket.slots)),
-        opt._hparam_table(bucket.device),
+        opt._hparam_table(bucket.device, torch.float32 if op == "triton" else torch.float64),
     )
     if amp is not None:
         args = (*args, torch.tensor(0.25), torch.tensor(amp))
-    torch.library.opcheck(slbi_step.slbi_bucket_step, copy.deepcopy(args))
+    kernel_op = slbi_step.slbi_bucket_step if op == "triton" else cpu_step.cpu_bucket_step
+    torch.library.opcheck(kernel_op, copy.deepcopy(args))
 
 
 @trace_backward

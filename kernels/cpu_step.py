@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -50,8 +51,13 @@ def _defines(scalar: str) -> list[str]:
     return [*flags, f"-DSLBI_SCALAR={scalar}"]
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` (which may carry arguments, e.g. ``ccache gcc``),
+    else ``cc``, else ``gcc``."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
 def default_cache_dir() -> Path:
@@ -78,18 +84,22 @@ def _machine_key() -> str:
 def build(dtype: torch.dtype, cache_dir: Path | None = None) -> Path | None:
     """Compile the kernel for buckets of ``dtype`` into ``cache_dir`` (default:
     :func:`default_cache_dir`), unless a build for the same source, flags, compiler and
-    CPU is there already; the path of the shared library, or ``None`` (logged) when no
-    compiler works."""
-    scalar = SCALARS[dtype]
+    CPU is there already. Returns the shared library's path, or ``None`` (with a logged
+    warning) when no compiler works or the cache folder cannot be written."""
     compiler = _compiler()
     if compiler is None:
         logger.warning("SLBI: no C compiler found ($CC, cc, gcc); the CPU step uses Inductor instead")
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        return _build_with(compiler, SCALARS[dtype], cache_dir or default_cache_dir())
     except (OSError, subprocess.SubprocessError) as error:
-        logger.warning("SLBI: cannot run the C compiler %r (%s); the CPU step uses Inductor", compiler, error)
+        logger.warning("SLBI: cannot build the C kernel with %r (%s); the CPU step uses Inductor",
+                       compiler, error)
         return None
+
+
+def _build_with(compiler: list[str], scalar: str, cache_dir: Path) -> Path | None:
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = SOURCE.read_bytes()
     # With OpenMP first; a compiler without it still builds the kernel, single-threaded.
     for parallel in (["-fopenmp"], []):
@@ -97,7 +107,7 @@ def build(dtype: torch.dtype, cache_dir: Path | None = None) -> Path | None:
         key = hashlib.sha256(
             b"\0".join([source, " ".join(flags).encode(), version.encode(), _machine_key().encode()])
         ).hexdigest()[:24]
-        target = (cache_dir or default_cache_dir()) / f"slbi_step_cpu_{scalar}_{key}.so"
+        target = cache_dir / f"slbi_step_cpu_{scalar}_{key}.so"
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +115,7 @@ def build(dtype: torch.dtype, cache_dir: Path | None = None) -> Path | None:
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
             result = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
+                [*compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
                 capture_output=True, text=True, timeout=300,
             )
             if result.returncode == 0:
@@ -122,7 +132,11 @@ def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
         path = build(dtype)
     if path is None:
         return None
-    library = ctypes.CDLL(str(path))
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as error:  # e.g. a cache folder on a noexec mount
+        logger.warning("SLBI: cannot load the C kernel %s (%s); the CPU step uses Inductor", path, error)
+        return None
     step = library.slbi_bucket_step
     pointer = ctypes.c_void_p
     step.argtypes = [pointer] * 6 + [ctypes.c_int64] + [pointer] * 4 + [ctypes.c_int]
@@ -218,6 +232,31 @@ def _check_buffers(buffers: dict[str, tuple[Tensor | None, torch.dtype, int | No
     if hparams.dim() != 2 or hparams.shape[1] != cf.HPARAM_FIELDS:
         shape = tuple(hparams.shape)
         raise ValueError(f"hparams must have shape (num_groups, {cf.HPARAM_FIELDS}), got {shape}")
+    _check_chunks(chunks, buffers["params"][0].numel(), buffers["slot_flags"][0].numel(),
+                  hparams.shape[0], buffers["group_norms"][0].numel())
+
+
+def _check_chunks(chunks: Tensor, numel: int, num_slots: int, num_groups: int, num_norms: int) -> None:
+    """Every chunk stays inside the buffers and tables it indexes (see ``chunk_format``)."""
+    if chunks.shape[0] == 0:
+        return
+    column = chunks.unbind(1)
+    start, rows, row_len = column[cf.CHUNK_START], column[cf.CHUNK_ROWS], column[cf.CHUNK_ROW_LEN]
+    end, slot, penalty = column[cf.CHUNK_END], column[cf.CHUNK_SLOT], column[cf.CHUNK_PENALTY]
+    hparam_row, norm = column[cf.CHUNK_HPARAM_ROW], column[cf.CHUNK_NORM_OFFSET]
+    group = penalty == cf.PENALTY_CODES["group"]
+    # Bounded first, so that start + rows * row_len cannot overflow int64 (an l1/"none"
+    # row may be longer than the tensor: its span is cut at `end`).
+    bounded = (start >= 0) & (start <= numel) & (end >= 0) & (end <= numel)
+    bounded &= (rows >= 0) & (rows < 2**31) & (row_len >= 0) & (row_len < 2**31)
+    bad = ~bounded
+    bad |= bounded & group & (start + rows * row_len > numel)  # l1/"none" spans are cut at `end`
+    bad |= (slot < 0) | (slot >= num_slots) | (hparam_row < 0) | (hparam_row >= num_groups)
+    bad |= (penalty < 0) | (penalty > max(cf.PENALTY_CODES.values()))
+    bad |= group & ((norm < 0) | (norm + rows > num_norms))
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0])
+        raise ValueError(f"chunk {index} {chunks[index].tolist()} reaches outside the buffers or tables")
 
 
 @torch.library.custom_op(

@@ -16,6 +16,7 @@ by the update.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -72,7 +73,7 @@ class Slot:
 
     @property
     def group_size(self) -> int:
-        return self.numel // self.param.shape[0] if self.penalty == "group" else 0
+        return math.prod(self.param.shape[1:]) if self.penalty == "group" else 0
 
 
 @dataclass(frozen=True)
@@ -221,8 +222,8 @@ class FlatBucket:
                 # Rows of ``cols`` elements; a tensor smaller than one chunk gets shorter
                 # rows (whole TILE_COLS tiles), so its program does no masked-out iterations.
                 per_row = -(-slot.numel // rows_per_chunk)
-                row_len = min(cols, -(-per_row // cf.TILE_COLS) * cf.TILE_COLS)
-                total_rows = -(-slot.numel // row_len)
+                row_len = min(cols, max(1, -(-per_row // cf.TILE_COLS)) * cf.TILE_COLS)
+                total_rows = -(-slot.numel // row_len)  # 0 for an empty tensor: no chunk
             for first_row in range(0, total_rows, rows_per_chunk):
                 table.append(
                     [

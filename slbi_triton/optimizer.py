@@ -117,7 +117,10 @@ def _check_group_penalty(
 
 
 def resolve_penalty(penalty: str, param: Tensor) -> str:
-    """The penalty a parameter gets: ``"auto"`` is group for ≥3-D, l1 for 2-D, none else."""
+    """The penalty a parameter gets: ``"auto"`` is group for ≥3-D, l1 for 2-D, none else;
+    an empty tensor has nothing to penalise (``"none"``, whatever its group says)."""
+    if param.numel() == 0:
+        return "none"
     if penalty != "auto":
         return penalty
     if param.dim() >= 3:
@@ -396,6 +399,8 @@ class SLBI(ToolboxMixin, Optimizer):
         self._slots = slots
         self._slot_by_id = {id(slot.param): slot for slot in slots}
         self._buckets = buckets
+        # The penalties this layout resolved (see _apply_group_changes).
+        self._checked_penalties = tuple(group["penalty"] for group in self.param_groups)
 
     def _resolve_backend(self, device: torch.device) -> str:
         if self.backend == "torch":
@@ -714,8 +719,10 @@ class SLBI(ToolboxMixin, Optimizer):
         """Validate hyper-parameters and penalties edited in ``param_groups``; a group
         whose values are plain numbers that were valid last step is not checked again."""
         for group_index, group in enumerate(self.param_groups):
-            values = (*(group[key] for key in _VALIDATED_KEYS), id(group["params"]), len(group["params"]))
-            plain = not any(isinstance(value, Tensor) for value in values)
+            # With the types: False == 0 and 1 == True, but a bool is not a valid value.
+            values = tuple((type(group[key]), group[key]) for key in _VALIDATED_KEYS)
+            values += (id(group["params"]), len(group["params"]))
+            plain = not any(isinstance(group[key], Tensor) for key in _VALIDATED_KEYS)
             if plain and self._valid_groups.get(group_index) == values:
                 continue
             where = f"param group {group_index}"

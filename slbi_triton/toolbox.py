@@ -457,15 +457,20 @@ class ToolboxMixin:
             raise ValueError("nothing to recover: call prune_layer(...) or use_w_star() first")
         snapshot, self._snapshot = self._snapshot, None
         slots = {slot.param: slot for slot in self._slots}
+        stale_norms = set()
         for saved in snapshot.saved:
             state = self.state[saved.param]
             saved.param.copy_(saved.weight)
             if saved.z is not None and "z" in state:
                 state["z"].copy_(saved.z)
-            if saved.group_norms is not None and "group_norms" in state:
-                state["group_norms"].copy_(saved.group_norms)
+            if "group_norms" in state:
+                if saved.group_norms is not None:
+                    state["group_norms"].copy_(saved.group_norms)
+                else:  # the layer had another penalty when it was saved
+                    stale_norms.add(saved.param)
             self._restore_momentum(slots[saved.param], saved.momentum)
         self._frozen = snapshot.frozen
+        self._refresh_group_norms(stale_norms)
 
     def _restore_momentum(self, slot: Slot, momentum: Tensor | None) -> None:
         state = self.state[slot.param]

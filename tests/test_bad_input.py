@@ -173,6 +173,19 @@ def test_bad_param_groups_at_step_change_nothing() -> None:
         assert_same(before, everything(model, opt))
 
 
+def test_bool_equal_to_a_valid_number_is_still_refused_at_step() -> None:
+    """The check of unchanged values is skipped only for the same type: 0 == False."""
+    model, opt = trained()
+    opt.param_groups[0]["weight_decay"] = 0
+    opt.step()
+    before = everything(model, opt)
+    opt.param_groups[0]["weight_decay"] = False
+    with pytest.raises(TypeError, match=r"weight_decay \(param group 0\) must be a real number, got bool"):
+        opt.step()
+    opt.param_groups[0]["weight_decay"] = 0
+    assert_same(before, everything(model, opt))
+
+
 def test_tensor_lr_edited_in_place_is_checked_at_step() -> None:
     """Plain values that passed are not checked again, tensors are (a scheduler edits them
     in place); a tensor on an accelerator is not read per step (that would wait for it)."""

@@ -162,6 +162,31 @@ def test_group_norms_are_taken_over_not_recomputed() -> None:
     assert torch.equal(fresh_opt._buckets[0].group_norms, norms)
 
 
+def test_penalty_switched_on_after_loading_a_checkpoint_takes_effect() -> None:
+    """A checkpoint saved with penalty "none", loaded into an l1 run, then the penalty set
+    back to l1: the next step re-lays the buffers and runs l1 (Z in the state)."""
+    def fresh(penalty: str):
+        torch.manual_seed(0)
+        param = nn.Parameter(torch.randn(6, 5))
+        return param, SLBI([param], lr=0.1, mu=2.0, lam=0.01, penalty=penalty, backend="torch")
+
+    def step(param, opt) -> None:
+        opt.zero_grad()
+        (param * torch.randn(param.shape)).sum().backward()
+        opt.step()
+
+    saved_param, saved_opt = fresh("none")
+    step(saved_param, saved_opt)
+    param, opt = fresh("l1")
+    step(param, opt)
+    opt.load_state_dict(saved_opt.state_dict())
+    assert [slot.penalty for slot in opt._slots] == ["none"]
+    opt.param_groups[0]["penalty"] = "l1"
+    step(param, opt)
+    assert [slot.penalty for slot in opt._slots] == ["l1"]
+    assert "z" in opt.state[param] and opt.state[param]["z"].abs().sum() > 0
+
+
 def test_state_dict_layout() -> None:
     model, opt, scheduler = build(seed=0, backend="torch", fused=False)
     train(model, opt, scheduler, range(6))

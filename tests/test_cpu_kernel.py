@@ -173,7 +173,60 @@ def test_build_is_cached_on_disk(fresh_build) -> None:
 def test_without_a_compiler_the_step_falls_back(fresh_build, monkeypatch, caplog) -> None:
     monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
     assert not cpu_step.available(torch.float32)
-    assert "cannot run the C compiler" in caplog.text
+    assert "cannot build the C kernel" in caplog.text
     params_f, _, refs = run("torch", torch.float32, fused=True)  # Inductor instead
     for p, ref in zip(params_f, refs, strict=True):
         assert rel_err(p, ref.w) <= 1e-5
+
+
+def test_unwritable_cache_folder_falls_back(fresh_build, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("SLBI_TRITON_CACHE_DIR", "/proc/no-such-folder/slbi")  # mkdir fails
+    assert not cpu_step.available(torch.float32)
+    assert "cannot build the C kernel" in caplog.text
+    params, _, refs = run("torch", torch.float32, fused=True)  # Inductor instead, no exception
+    for p, ref in zip(params, refs, strict=True):
+        assert rel_err(p, ref.w) <= 1e-5
+
+
+def test_compiler_command_with_arguments(fresh_build, monkeypatch) -> None:
+    compiler = cpu_step._compiler()
+    monkeypatch.setenv("CC", f"{compiler[0]} -DSLBI_UNUSED_DEFINE=1")  # e.g. CC="ccache gcc"
+    assert cpu_step.available(torch.float32)
+
+
+def test_launcher_refuses_chunks_outside_the_buffers() -> None:
+    buffers, (chunks, flags, hparams) = _bucket_inputs(seed=7)
+    edits = [
+        (cf.CHUNK_ROW_LEN, 1 << 40),  # would run far past the end
+        (cf.CHUNK_START, -1),
+        (cf.CHUNK_SLOT, flags.numel()),
+        (cf.CHUNK_HPARAM_ROW, hparams.shape[0]),
+        (cf.CHUNK_PENALTY, 7),
+    ]
+    for column, value in edits:
+        bad = chunks.clone()
+        bad[0, column] = value
+        before = [b.clone() for b in buffers]
+        with pytest.raises(ValueError, match=r"chunk 0 .* reaches outside the buffers or tables"):
+            cpu_step.bucket_step(*buffers, bad, flags, hparams)
+        assert all(torch.equal(a, b) for a, b in zip(buffers, before, strict=True))
+    group_chunk = int((chunks[:, cf.CHUNK_PENALTY] == cf.PENALTY_CODES["group"]).nonzero()[0])
+    bad = chunks.clone()
+    bad[group_chunk, cf.CHUNK_NORM_OFFSET] = buffers[4].numel()
+    with pytest.raises(ValueError, match=f"chunk {group_chunk} "):
+        cpu_step.bucket_step(*buffers, bad, flags, hparams)
+
+
+@pytest.mark.parametrize("config", ["c-kernel", "eager", "triton"])
+def test_empty_tensors(config: str) -> None:
+    """Parameters with no elements: nothing to update or penalise, nothing breaks."""
+    shapes = [(0,), (0, 3, 3, 3), (4, 0, 3, 3), (3, 0), (2, 3, 3, 3)]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = SLBI(params, backend="triton" if config == "triton" else "torch", fused=config != "eager")
+    assert [slot.penalty for slot in opt._slots] == ["none"] * 4 + ["group"]
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert torch.isfinite(params[-1]).all()

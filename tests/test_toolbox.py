@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from torch import nn
 
-from slbi_triton import SLBI
+from slbi_triton import SLBI, functional
 from slbi_triton.recording import load_records
 from slbi_triton.toolbox import SENTINEL_EPOCH, LayerSparsity, UnknownLayerError
 
@@ -146,6 +146,30 @@ def test_use_w_star_and_recover_bit_identical() -> None:
     assert_same(snapshot(model, opt), before)
     with pytest.raises(ValueError, match="nothing to recover"):
         opt.recover()
+
+
+def test_recover_after_a_penalty_change_refreshes_the_group_norms() -> None:
+    """Saved while l1 (no norms to save), recovered while group: the norm table must be
+    that of the restored Z, not of the Z the group steps left behind."""
+    torch.manual_seed(0)
+    param = nn.Parameter(torch.randn(6, 5))
+    opt = SLBI([("fc.weight", param)], lr=0.1, mu=2.0, lam=0.01, penalty="l1", backend="torch")
+
+    def step() -> None:
+        opt.zero_grad()
+        (param * torch.randn(param.shape)).sum().backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    opt.update_order(0)
+    opt.prune_layer(50, "fc.weight")
+    opt.param_groups[0]["penalty"] = "group"
+    for _ in range(3):
+        step()
+    opt.recover()
+    expected = functional.group_norms_of(opt.state[param]["z"])
+    assert torch.allclose(opt.state[param]["group_norms"], expected, rtol=1e-6)
 
 
 # -- the regularisation path on a real training run -----------------------------------

@@ -102,14 +102,17 @@ def _build_with(compiler: list[str], scalar: str, cache_dir: Path) -> Path | Non
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = SOURCE.read_bytes()
     # With OpenMP first; a compiler without it still builds the kernel, single-threaded.
+    candidates = []
     for parallel in (["-fopenmp"], []):
         flags = [*_OPTIMISE, *parallel, *_defines(scalar)]
         key = hashlib.sha256(
             b"\0".join([source, " ".join(flags).encode(), version.encode(), _machine_key().encode()])
         ).hexdigest()[:24]
-        target = cache_dir / f"slbi_step_cpu_{scalar}_{key}.so"
-        if target.exists():
+        candidates.append((flags, cache_dir / f"slbi_step_cpu_{scalar}_{key}.so"))
+    for _, target in candidates:
+        if target.exists():  # also the single-threaded build: no retry of a failing -fopenmp
             return target
+    for flags, target in candidates:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build under a temporary name, then rename: concurrent processes never load half a file.
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:

@@ -230,3 +230,28 @@ def test_empty_tensors(config: str) -> None:
         opt.step()
     opt.load_state_dict(opt.state_dict())
     assert torch.isfinite(params[-1]).all()
+
+
+def test_compiler_without_openmp_builds_once(fresh_build, monkeypatch) -> None:
+    """A compiler that refuses -fopenmp gets a single-threaded kernel, and a later process
+    loads it from the cache without trying -fopenmp again."""
+    log = fresh_build / "calls.log"
+    wrapper = fresh_build / "cc-without-openmp"
+    real = cpu_step._compiler()[0]
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{log}"\n'
+        'case " $* " in *" -fopenmp "*) exit 1 ;; esac\n'
+        f'exec "{real}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert cpu_step.available(torch.float32)
+    builds = [line for line in log.read_text().splitlines() if "-shared" in line]
+    assert len(builds) == 2 and "-fopenmp" in builds[0] and "-fopenmp" not in builds[1]
+    cpu_step._library.cache_clear()  # as a new process would
+    assert cpu_step.available(torch.float32)
+    assert len([line for line in log.read_text().splitlines() if "-shared" in line]) == 2
+    params, _, refs = run("torch", torch.float32, fused=True)
+    for p, ref in zip(params, refs, strict=True):
+        assert rel_err(p, ref.w) <= 1e-5

@@ -172,11 +172,13 @@ class SLBI(ToolboxMixin, Optimizer):
             otherwise), ``"torch"`` or ``"triton"`` (default: ``"auto"``).
         fused: for the torch backend on the CPU, run the step fused: float32 and float64
             buckets in one pass of the C kernel ``slbi_step_cpu.c`` (built on first use
-            with the system C compiler, about 0.5 s, then cached on disk), other dtypes
+            with the system C compiler, 0.3-0.5 s, then cached on disk), other dtypes
             as one Inductor-compiled loop per run of parameters (``torch.compile``).
             ``None`` (default) turns it on for CPU buffers; ``False`` keeps plain eager
             ops. Without a working compiler the optimizer logs a warning and falls back
-            to Inductor, then to eager ops.
+            to Inductor, then to eager ops. Which kernel runs a buffer is decided when
+            the buffers are laid out (at construction, ``add_param_group`` or
+            ``load_state_dict``), not at every step.
 
     Example:
         >>> opt = SLBI(model.named_parameters(), lr=0.1, kappa=1, mu=100)

@@ -196,7 +196,7 @@ class FlatBucket:
             self._flags_cache = (words, flags)
         return self._flags_cache[1]
 
-    def chunks(self, kernel: str = "triton") -> Tensor:
+    def chunks(self, kernel: str) -> Tensor:
         """The chunk table of the fused ``kernel`` (``"triton"`` or ``"cpu"``), built once
         per layout. The Triton table is int32 (half the bytes) while every offset fits."""
         if kernel not in self._chunks:

@@ -750,18 +750,7 @@ class SLBI(ToolboxMixin, Optimizer):
     ) -> None:
         if bucket.cpu_kernel:
             # One pass of the C kernel over the whole bucket, group norms included.
-            args = (
-                bucket.params,
-                bucket.grads,
-                bucket.z,
-                bucket.momentum,
-                bucket.group_norms,
-                bucket.chunks("cpu"),
-                bucket.slot_flags(active),
-                self._hparam_table(bucket.device, torch.float64),
-                inv_scale,
-                found_inf,
-            )
+            args = (*self._kernel_inputs(bucket, active, "cpu"), inv_scale, found_inf)
             if torch.compiler.is_compiling():
                 torch.ops.slbi_triton.cpu_bucket_step(*args)  # one opaque op in the graph
             else:
@@ -802,22 +791,26 @@ class SLBI(ToolboxMixin, Optimizer):
     def _step_bucket_triton(
         self, bucket: FlatBucket, active: list[bool], inv_scale: Tensor | None, found_inf: Tensor | None
     ) -> None:
-        launch = _triton_step()
-        momentum = bucket.momentum if bucket.momentum is not None else bucket.params[:1]
-        launch(
+        _triton_step()(*self._kernel_inputs(bucket, active, "triton"), inv_scale, found_inf)
+
+    def _kernel_inputs(self, bucket: FlatBucket, active: list[bool], kernel: str) -> tuple[Any, ...]:
+        """The buffers and tables a fused ``kernel`` (``"triton"`` or ``"cpu"``) takes for
+        ``bucket``, in its argument order (GradScaler's inputs follow them)."""
+        momentum = bucket.momentum
+        if momentum is None and kernel == "triton":
+            momentum = bucket.params[:1]  # a placeholder the kernel never touches (no ρ anywhere)
+        return (
             bucket.params,
             bucket.grads,
             bucket.z,
             momentum,
             bucket.group_norms,
-            bucket.chunks(),
+            bucket.chunks(kernel),
             bucket.slot_flags(active),
-            self._hparam_table(bucket.device),
-            inv_scale,
-            found_inf,
+            self._hparam_table(bucket.device, torch.float32 if kernel == "triton" else torch.float64),
         )
 
-    def _hparam_table(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    def _hparam_table(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The (num_groups, HPARAM_FIELDS) table on ``device``: float32 for the Triton
         kernel, float64 for the CPU kernel (which forms its coefficients in double).
 

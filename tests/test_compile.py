@@ -156,16 +156,7 @@ def test_opcheck_bucket_step(amp: float | None, op: str) -> None:
         slot.param.grad.normal_()
     bucket.z.normal_()
     bucket.refresh_group_norms()
-    args = (
-        bucket.params,
-        bucket.grads,
-        bucket.z,
-        bucket.momentum,
-        bucket.group_norms,
-        bucket.chunks(op),
-        bucket.slot_flags([True] * len(bucket.slots)),
-        opt._hparam_table(bucket.device, torch.float32 if op == "triton" else torch.float64),
-    )
+    args = opt._kernel_inputs(bucket, [True] * len(bucket.slots), op)
     if amp is not None:
         args = (*args, torch.tensor(0.25), torch.tensor(amp))
     kernel_op = slbi_step.slbi_bucket_step if op == "triton" else cpu_step.cpu_bucket_step

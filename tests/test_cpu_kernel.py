@@ -89,11 +89,8 @@ def _bucket_inputs(seed: int):
         p.grad = torch.randn(p.shape)
     opt.step()
     bucket = opt._buckets[0]
-    active = [True] * len(bucket.slots)
-    chunks = bucket.chunks("cpu")
-    tables = (chunks, bucket.slot_flags(active), opt._hparam_table(bucket.device, torch.float64))
-    buffers = (bucket.params, bucket.grads, bucket.z, bucket.momentum, bucket.group_norms)
-    return [b.clone() for b in buffers], tables
+    inputs = opt._kernel_inputs(bucket, [True] * len(bucket.slots), "cpu")
+    return [b.clone() for b in inputs[:5]], inputs[5:]
 
 
 def test_thread_count_does_not_change_the_result() -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from slbi_triton import SLBI
-from slbi_triton.models import build_model
+from slbi_triton.train.models import build_model
 
 
 def timed(fn, device: str) -> float:

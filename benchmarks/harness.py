@@ -804,9 +804,9 @@ def bench_train(
     """One training iteration (``zero_grad``, forward, backward, step) per contender.
 
     Each contender trains its own copy of the same initial model on the same fixed
-    batch of ``N × 1 × 28 × 28`` inputs (``slbi_triton.models.build_model``).
+    batch of ``N × 1 × 28 × 28`` inputs (``slbi_triton.train.models.build_model``).
     """
-    from slbi_triton.models import build_model
+    from slbi_triton.train.models import build_model
 
     if reset_compiler:
         _reset_compiler()

@@ -41,7 +41,7 @@ def test_train_iteration_overhead(model: str, batch: int) -> None:
 
 @pytest.mark.parametrize("contender", ["slbi-torch", "sgd-foreach"])
 def test_train_iteration(benchmark, contender: str) -> None:
-    from slbi_triton.models import build_model
+    from slbi_triton.train.models import build_model
 
     torch.manual_seed(0)
     model = build_model("lenet")

@@ -1,4 +1,4 @@
-"""Tests for slbi_triton.data: IDX codec, damaged-file errors, real data when present."""
+"""Tests for slbi_triton.train.data: IDX codec, damaged-file errors, real data when present."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from slbi_triton import data
-from slbi_triton.data import (
+from slbi_triton.train import data
+from slbi_triton.train.data import (
     DEBIAN_FASHION_MNIST_DIR,
     MNIST_WHEEL_MEMBER,
     MNIST_WHEEL_NAME,

@@ -1,4 +1,4 @@
-"""Tests for slbi_triton.models: output shapes, parameter layout, build_model."""
+"""Tests for slbi_triton.train.models: output shapes, parameter layout, build_model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from slbi_triton.models import MODEL_NAMES, LeNet, ResNet20, build_model
+from slbi_triton.train.models import MODEL_NAMES, LeNet, ResNet20, build_model
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

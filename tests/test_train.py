@@ -1,4 +1,4 @@
-"""Tests for the ``slbi-train`` CLI (slbi_triton.train) and its figures (slbi_triton.plots).
+"""Tests for the ``slbi-train`` CLI (slbi_triton.train) and its figures (slbi_triton.train.plots).
 
 Most runs use a small synthetic data set put in place of :func:`load_dataset` (the real
 loader insists on the official MNIST checksums, so it cannot be fed made-up files); one
@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from slbi_triton import SLBI, train
-from slbi_triton.data import MNIST_WHEEL_NAME, default_data_dir, encode_idx
-from slbi_triton.models import build_model
 from slbi_triton.recording import RECORD_FILENAME, load_records
+from slbi_triton.train.data import MNIST_WHEEL_NAME, default_data_dir, encode_idx
+from slbi_triton.train.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 MNIST_WHEEL = default_data_dir() / MNIST_WHEEL_NAME
@@ -60,7 +60,7 @@ def synthetic_data(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         asked.append(name)
         return _synthetic(320, seed=0), _synthetic(200, seed=1)
 
-    monkeypatch.setattr(train, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(train.cli, "load_dataset", fake_load_dataset)
     return asked
 
 

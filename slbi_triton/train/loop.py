@@ -1,0 +1,319 @@
+"""The training loop of ``slbi-train``: optimizers, schedulers, epochs, evaluation and the
+pruning sweep."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .. import functional
+from ..optimizer import SLBI
+from ..toolbox import LayerSparsity
+from .models import build_model
+from .plots import FilterPath
+from .report import epoch_line, write_csv
+
+PRUNE_PERCENTS = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
+"""Shares of the conv filters pruned for ``prune.csv``."""
+
+EVAL_BATCH_SIZE = 1000
+
+
+class RunError(Exception):
+    """A problem reported to the user as one line, with a non-zero exit status."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Data:
+    """Train and test tensors on the training device."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+
+def conv_weight_names(model: nn.Module) -> list[str]:
+    """Names of the conv weights, in parameter order."""
+    return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+
+
+def default_path_layer(model: nn.Module) -> str:
+    """The conv weight with the most filters (the last one of a tie): conv3 for LeNet."""
+    params = dict(model.named_parameters())
+    names = conv_weight_names(model)
+    return max(reversed(names), key=lambda name: params[name].shape[0])
+
+
+def slbi_param_groups(model: nn.Module, fc_penalty: str) -> list[dict[str, Any]]:
+    """Param groups for SLBI: conv weights ``"group"`` (one group per filter), fully
+    connected weights ``fc_penalty``, everything else (biases, norm layers) ``"none"``."""
+    conv = set(conv_weight_names(model))
+    # fc_penalty "group" or "none" shares its list with the conv weights or the biases.
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"group": [], fc_penalty: [], "none": []}
+    for name, param in model.named_parameters():
+        if name in conv:
+            groups["group"].append((name, param))
+        elif param.dim() == 2:
+            groups[fc_penalty].append((name, param))
+        else:
+            groups["none"].append((name, param))
+    return [{"params": params, "penalty": penalty} for penalty, params in groups.items() if params]
+
+
+def build_optimizer(kind: str, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SLBI or SGD with the hyper-parameters of ``args``; bad values give a RunError."""
+    try:
+        if kind == "sgd":
+            return torch.optim.SGD(
+                model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+            )
+        return SLBI(
+            slbi_param_groups(model, args.fc_penalty),
+            lr=args.lr,
+            kappa=args.kappa,
+            mu=args.mu,
+            lam=args.lam,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+        )
+    except (ValueError, TypeError) as exc:
+        raise RunError(f"invalid hyper-parameter: {exc}") from exc
+
+
+def build_schedulers(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace
+) -> tuple[torch.optim.lr_scheduler.LRScheduler | None, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The per-step warm-up (LinearLR) and the per-epoch decay (StepLR), either ``None``
+    when disabled. Both are chainable, so they compose when they overlap."""
+    warmup = None
+    if args.warmup_iters > 0:
+        warmup = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=1.0 / args.warmup_iters, end_factor=1.0, total_iters=args.warmup_iters
+        )
+    decay = None
+    if args.lr_step > 0:
+        decay = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
+    return warmup, decay
+
+
+def batches(
+    x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Shuffled mini-batches of ``(x, y)``; the order comes from ``generator`` (CPU)."""
+    order = torch.randperm(len(x), generator=generator).to(x.device)
+    for start in range(0, len(x), batch_size):
+        index = order[start : start + batch_size]
+        yield x[index], y[index]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``, in eval mode (train mode restored)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for start in range(0, len(x), EVAL_BATCH_SIZE):
+        logits = model(x[start : start + EVAL_BATCH_SIZE])
+        correct += (logits.argmax(dim=1) == y[start : start + EVAL_BATCH_SIZE]).sum()
+    model.train(was_training)
+    return int(correct) / len(x)
+
+
+def filter_norms(weight: Tensor) -> Tensor:
+    """‖W_g‖₂ of every output filter, float32 on the CPU."""
+    return functional.group_norms_of(weight.detach()).cpu()
+
+
+@dataclass
+class RunResult:
+    """What one optimizer's run produced."""
+
+    kind: str
+    rows: list[dict[str, Any]]
+    path: FilterPath
+    seconds: float
+    sparsity: list[LayerSparsity] = field(default_factory=list)
+    prune_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.rows[-1]["test_acc"]
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The row of the best dense test accuracy (the first one of a tie)."""
+        return max(self.rows, key=lambda row: row["test_acc"])
+
+
+@dataclass
+class EpochLoop:
+    """The training loop's state across epochs: schedulers, data order and step count."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    warmup: torch.optim.lr_scheduler.LRScheduler | None
+    generator: torch.Generator
+    args: argparse.Namespace
+    steps_done: int = 0
+
+    def train_epoch(self, data: Data, label: str) -> tuple[float, float]:
+        """One pass over the training set with a progress bar; the mean train loss and
+        accuracy. SLBI writes its record every ``--record-interval`` steps."""
+        args, model, optimizer = self.args, self.model, self.optimizer
+        slbi = optimizer if isinstance(optimizer, SLBI) else None
+        model.train()
+        device = data.train_x.device
+        total_loss = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        steps = math.ceil(len(data.train_x) / args.batch_size)
+        with tqdm(total=steps, desc=label, unit="batch", leave=False, disable=None) as bar:
+            for x, y in batches(data.train_x, data.train_y, args.batch_size, self.generator):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad()
+                loss.backward()
+                self.steps_done += 1
+                if slbi is not None:
+                    record = args.record_interval > 0 and self.steps_done % args.record_interval == 0
+                    slbi.step(record=record, path=args.out if record else None)
+                else:
+                    optimizer.step()
+                if self.warmup is not None and self.steps_done <= args.warmup_iters:
+                    self.warmup.step()
+                total_loss += loss.detach() * len(y)
+                correct += (logits.argmax(dim=1) == y).sum()
+                bar.update()
+                if self.steps_done % 25 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+        return float(total_loss) / len(data.train_x), int(correct) / len(data.train_x)
+
+
+def train_run(
+    kind: str, args: argparse.Namespace, data: Data, layer: str, metrics: list[dict[str, Any]]
+) -> RunResult:
+    """Train one optimizer (``"slbi"`` or ``"sgd"``) for ``--epochs`` epochs from the
+    initial weights and data order of ``--seed``, evaluating after every epoch.
+
+    Each epoch's row is appended to ``metrics`` (shared by the runs of one invocation) and
+    ``metrics.csv`` is rewritten, so a long run can be followed while it trains. An SLBI
+    run ends with the pruning sweep.
+    """
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = build_model(args.model).to(data.train_x.device)
+    params = dict(model.named_parameters())
+    conv_names = conv_weight_names(model)
+    optimizer = build_optimizer(kind, model, args)
+    slbi = optimizer if isinstance(optimizer, SLBI) else None
+    warmup, decay = build_schedulers(optimizer, args)
+    loop = EpochLoop(model, optimizer, warmup, torch.Generator().manual_seed(args.seed), args)
+
+    norms = [filter_norms(params[layer])]  # SGD's path; SLBI's is kept by update_order
+    if slbi is not None:
+        slbi.update_order(0)  # the initial weights open the path (nothing is selected yet)
+    rows: list[dict[str, Any]] = []
+    sparsity: list[LayerSparsity] = []
+    for epoch in range(1, args.epochs + 1):
+        epoch_started = time.perf_counter()
+        if slbi is not None:
+            slbi.current_epoch = epoch
+        train_loss, train_acc = loop.train_epoch(data, f"{kind} epoch {epoch}/{args.epochs}")
+        if not math.isfinite(train_loss):
+            raise RunError(
+                f"{kind} diverged in epoch {epoch} (train loss {train_loss}); try a smaller --lr", 1
+            )
+        row: dict[str, Any] = {
+            "optimizer": kind,
+            "epoch": epoch,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_acc": evaluate(model, data.test_x, data.test_y),
+        }
+        if slbi is not None:
+            slbi.update_order(epoch)
+            slbi.use_w_star()
+            row["test_acc_w_star"] = evaluate(model, data.test_x, data.test_y)
+            slbi.recover()
+            row["residue"] = slbi.residue()
+            sparsity = slbi.sparsity()
+            row["conv_filters_out"] = conv_filters_outside(sparsity, conv_names)
+            row.update({f"support_{r.name}": r.fraction for r in sparsity})
+        else:
+            norms.append(filter_norms(params[layer]))
+        row["seconds"] = time.perf_counter() - epoch_started
+        if decay is not None:
+            decay.step()
+        rows.append(row)
+        metrics.append(row)
+        write_csv(args.out / "metrics.csv", metrics)
+        tqdm.write(epoch_line(row, args.epochs))
+
+    if slbi is None:
+        path = FilterPath("SGD", list(range(args.epochs + 1)), torch.stack(norms))
+        return RunResult(kind, rows, path, time.perf_counter() - started)
+    history = slbi.path_history(layer)
+    path = FilterPath("SLBI", history["epochs"], history["norms"], history["selected"])
+    prune_rows = prune_sweep(slbi, model, conv_names, layer, data, args.prune_bias)
+    return RunResult(kind, rows, path, time.perf_counter() - started, sparsity, prune_rows)
+
+
+def conv_filters_outside(sparsity: Sequence[LayerSparsity], conv_names: Sequence[str]) -> float:
+    """Share of all conv filters with Γ_g = 0."""
+    rows = [row for row in sparsity if row.name in conv_names]
+    total = sum(row.size for row in rows)
+    return 1.0 - sum(row.support for row in rows) / total
+
+
+def pruned_accuracy(
+    optimizer: SLBI, model: nn.Module, layers: list[str], percent: float, data: Data, prune_bias: bool
+) -> tuple[float, int]:
+    """Test accuracy after ``prune_layer(percent, layers)``, and how many filters of
+    ``layers`` are zero then; ``recover()`` gives the weights back before returning."""
+    params = dict(model.named_parameters())
+    optimizer.prune_layer(percent, layers, prune_bias=prune_bias)
+    zeroed = sum(
+        int((params[name].detach().reshape(params[name].shape[0], -1) == 0).all(dim=1).sum())
+        for name in layers
+    )
+    accuracy = evaluate(model, data.test_x, data.test_y)
+    optimizer.recover()
+    return accuracy, zeroed
+
+
+def prune_sweep(
+    optimizer: SLBI, model: nn.Module, conv_names: list[str], layer: str, data: Data, prune_bias: bool
+) -> list[dict[str, Any]]:
+    """For each share of :data:`PRUNE_PERCENTS`: test accuracy after pruning that share of
+    the filters of every conv layer by order (``test_acc``), and of ``layer`` alone
+    (``test_acc_<layer>_only``), each followed by ``recover()``."""
+    rows = []
+    for percent in PRUNE_PERCENTS:
+        every, every_zeroed = pruned_accuracy(optimizer, model, conv_names, percent, data, prune_bias)
+        alone, alone_zeroed = pruned_accuracy(optimizer, model, [layer], percent, data, prune_bias)
+        rows.append(
+            {
+                "percent": percent,
+                "test_acc": every,
+                "conv_filters_pruned": every_zeroed,
+                f"test_acc_{layer}_only": alone,
+                f"{layer}_filters_pruned": alone_zeroed,
+            }
+        )
+    return rows
+
+

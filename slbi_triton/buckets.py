@@ -1,31 +1,27 @@
 """Flat multi-tensor buffers: one contiguous buffer per quantity and (device, dtype).
 
 A :class:`FlatBucket` owns the flat ``params``, ``grads``, ``z`` and ``momentum`` buffers
-of every parameter of one (device, dtype); each parameter's ``.data`` and ``.grad`` are
-views into them, so autograd accumulates straight into ``grads`` and one kernel launch
-updates the whole bucket. A :class:`Slot` is one parameter's place in its bucket and
-carries the name-indexed views the toolbox works on.
+of every parameter of one (device, dtype), its group norms and its step counter; a
+:class:`Slot` is one parameter's place in it. Each parameter's ``.data``, ``.grad`` and
+state tensors are views into these buffers (docs/design.md, "The flat buffers").
 
-Layout: slots are sorted by (param group, penalty, group size) so that the torch backend
-can update long *runs* of elements that share hyper-parameters with a few vectorised ops.
-Slots with the same key are packed back to back (a group-penalty run must have no gap to
-be viewed as ``(groups, group_size)``); each new key starts at a multiple of
-``ALIGNMENT`` elements. Padding elements stay zero in every buffer and are left at zero
-by the update.
+Layout: slots are sorted by (param group, penalty, group size, parameter order), so that
+the torch backend updates long *runs* sharing hyper-parameters with a few vectorised ops;
+every slot starts at a multiple of ``abi.SLOT_ALIGNMENT`` elements. Padding stays zero in
+every buffer and the update keeps it zero.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from . import functional
-from .kernels import chunk_format as cf
-
-ALIGNMENT = 16
+from .kernels import abi
 
 
 @dataclass
@@ -44,14 +40,10 @@ class Slot:
     grad_view: Tensor | None = None
     z_view: Tensor | None = None
     momentum_view: Tensor | None = None
-    grad_seen: bool = False  # set by the post-accumulate-grad hook, cleared by zero_grad
+    grad_seen: bool = False  # a gradient arrived since the last zero_grad()
     momentum_ready: bool = False  # the momentum buffer holds v_t
     hook_handle: object | None = field(default=None, repr=False)
-    # The parameter's TensorImpl when it was bound: torch.utils.swap_tensors (used by
-    # model.to() and load_state_dict(assign=True) under swap_module_params_on_conversion)
-    # changes it, and with it drops the autograd hooks; ``.data =`` keeps it.
-    impl: int = 0
-    data_ptr: int = 0  # where ``param_view`` starts, for the per-step fast check
+    data_ptr: int = 0  # where ``param_view`` starts, for the per-step binding check
 
     @property
     def label(self) -> str:
@@ -100,7 +92,7 @@ def _dense_strides(param: Tensor) -> tuple[int, ...]:
 
 
 def _align(n: int) -> int:
-    return -(-n // ALIGNMENT) * ALIGNMENT
+    return -(-n // abi.SLOT_ALIGNMENT) * abi.SLOT_ALIGNMENT
 
 
 class FlatBucket:
@@ -109,47 +101,45 @@ class FlatBucket:
     Args:
         slots: the parameters of this bucket (their ``offset`` etc. are assigned here).
         momentum: whether to allocate the momentum buffer.
+        state_dtype: the dtype of ``z`` and ``momentum`` when stored with stochastic
+            rounding (``torch.bfloat16``); ``None``: the parameters' dtype, rounded to nearest.
+        rng: ``[seed, step]`` of this bucket (docs/design.md, "Stochastic rounding").
     """
 
-    def __init__(self, slots: list[Slot], momentum: bool) -> None:
+    def __init__(
+        self, slots: list[Slot], momentum: bool, state_dtype: torch.dtype | None, rng: tuple[int, int]
+    ) -> None:
         first = slots[0].param
         self.device = first.device
         self.dtype = first.dtype
+        self.state_dtype = state_dtype or self.dtype
+        self.stochastic_rounding = state_dtype is not None
         self.slots = sorted(
-            slots, key=lambda s: (s.group_index, cf.PENALTY_CODES[s.penalty], s.group_size, s.index)
+            slots, key=lambda s: (s.group_index, abi.PENALTY_CODES[s.penalty], s.group_size, s.index)
         )
-        offset = 0
-        norm_offset = 0
-        previous_key = None
+        offset = norm_offset = 0
         for slot in self.slots:
-            key = (slot.group_index, slot.penalty, slot.group_size)
-            if key != previous_key:
-                offset = _align(offset)
-                previous_key = key
             slot.offset = offset
             slot.norm_offset = norm_offset
             slot.strides = _dense_strides(slot.param)
-            offset += slot.numel
+            offset = _align(offset + slot.numel)
             norm_offset += slot.num_groups
-        offset = _align(offset)
         self.numel = offset
-        kwargs = {"device": self.device, "dtype": self.dtype}
-        self.params = torch.zeros(self.numel, **kwargs)
-        self.grads = torch.zeros(self.numel, **kwargs)
-        self.z = torch.zeros(self.numel, **kwargs)
-        self.momentum: Tensor | None = torch.zeros(self.numel, **kwargs) if momentum else None
-        self.group_norms = torch.zeros(norm_offset, device=self.device, dtype=torch.float32)
+        self.params = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
+        self.grads = torch.zeros_like(self.params)
+        self.z = torch.zeros(self.numel, device=self.device, dtype=self.state_dtype)
+        self.momentum: Tensor | None = torch.zeros_like(self.z) if momentum else None
+        self.group_norms = torch.zeros(norm_offset, device=self.device, dtype=abi.norm_dtype(self.dtype))
+        self.rng = torch.tensor(rng, dtype=torch.int64, device=self.device)
         for slot in self.slots:
             slot.param_view = self.view_of(self.params, slot)
             slot.grad_view = self.view_of(self.grads, slot)
             slot.z_view = self.view_of(self.z, slot) if slot.penalty != "none" else None
             slot.momentum_view = self.view_of(self.momentum, slot) if momentum else None
-        self._chunks: dict[str, Tensor] = {}
-        # Set by the optimizer: "torch" or "triton", and whether the CPU C kernel runs it.
-        self.backend = "torch"
-        self.cpu_kernel = False
         self._runs_cache: dict[tuple[bool, ...], list[Run]] = {}
         self._flags_cache: tuple[tuple[int, ...], Tensor] | None = None
+        self.frozen: tuple[Tensor, Tensor] | None = None  # flat masks of W and the norms
+        self._frozen_partial: list[Slot] = []
 
     def view_of(self, flat: Tensor, slot: Slot) -> Tensor:
         """``slot``'s view into the flat buffer ``flat``, with the parameter's layout."""
@@ -162,16 +152,16 @@ class FlatBucket:
     def ensure_momentum(self) -> None:
         """Allocate the momentum buffer (a group switched from ρ = 0 to ρ > 0)."""
         if self.momentum is None:
-            self.momentum = torch.zeros_like(self.params)
+            self.momentum = torch.zeros_like(self.z)
             for slot in self.slots:
                 slot.momentum_view = self.view_of(self.momentum, slot)
 
     def norms_of(self, slot: Slot) -> Tensor:
-        """``slot``'s ‖Z_g‖ (float32, one per group) in :attr:`group_norms`."""
+        """``slot``'s ‖Z_g‖ (one per group) in :attr:`group_norms`."""
         return self.group_norms[slot.norm_offset : slot.norm_offset + slot.num_groups]
 
     def refresh_group_norms(self, slots: list[Slot] | None = None) -> None:
-        """Recompute ‖Z_g‖ from Z (after editing Z outside the step).
+        """Recompute ‖Z_g‖ from Z (after Z was edited outside the step).
 
         Args:
             slots: the group-penalised slots to refresh (default: all of them).
@@ -181,14 +171,48 @@ class FlatBucket:
                 z_rows = self.flat_range(self.z, slot).view(slot.num_groups, -1)
                 functional.refresh_group_norms_(z_rows, self.norms_of(slot))
 
-    # -- per-step inputs ------------------------------------------------------------
+    # -- frozen entries ---------------------------------------------------------------
+
+    def set_frozen(self, masks: Mapping[Tensor, Tensor]) -> None:
+        """Entries held at zero after every step (``prune_layer(..., freeze=True)``):
+        ``masks`` maps parameters (of any bucket) to bool masks broadcastable to them."""
+        mine = [(slot, masks[slot.param]) for slot in self.slots if slot.param in masks]
+        if not mine:
+            self.frozen, self._frozen_partial = None, []
+            return
+        flat = torch.zeros(self.numel, dtype=torch.bool, device=self.device)
+        norms = torch.zeros(self.group_norms.numel(), dtype=torch.bool, device=self.device)
+        self._frozen_partial = []
+        for slot, mask in mine:
+            full = mask.to(self.device).expand(slot.shape)
+            self.view_of(flat, slot).copy_(full)
+            if slot.penalty == "group":
+                rows = full.reshape(slot.num_groups, -1)
+                self.norms_of_mask(norms, slot).copy_(rows.all(dim=1))
+                if bool((rows.any(dim=1) & ~rows.all(dim=1)).any()):
+                    self._frozen_partial.append(slot)  # part of a filter: norms recomputed
+        self.frozen = (flat, norms)
+
+    def norms_of_mask(self, norm_mask: Tensor, slot: Slot) -> Tensor:
+        return norm_mask[slot.norm_offset : slot.norm_offset + slot.num_groups]
+
+    def apply_frozen(self) -> None:
+        """Zero the frozen entries of W, Z and v, and the norms of frozen filters."""
+        if self.frozen is None:
+            return
+        flat, norms = self.frozen
+        for buffer in (self.params, self.z, self.momentum):
+            if buffer is not None:
+                buffer.masked_fill_(flat, 0)
+        self.group_norms.masked_fill_(norms, 0)
+        if self._frozen_partial:
+            self.refresh_group_norms(self._frozen_partial)
+
+    # -- per-step inputs --------------------------------------------------------------
 
     def slot_flags(self, active: list[bool]) -> Tensor:
         """int32 flag word per slot on the bucket's device (cached while unchanged)."""
-        words = tuple(
-            (cf.FLAG_ACTIVE if on else 0) | (cf.FLAG_MOMENTUM_READY if slot.momentum_ready else 0)
-            for slot, on in zip(self.slots, active, strict=True)
-        )
+        words = abi.flag_words(active, (slot.momentum_ready for slot in self.slots))
         if torch.compiler.is_compiling():  # a constant of the traced graph
             return torch.tensor(words, dtype=torch.int32, device=self.device)
         if self._flags_cache is None or self._flags_cache[0] != words:
@@ -196,48 +220,10 @@ class FlatBucket:
             self._flags_cache = (words, flags)
         return self._flags_cache[1]
 
-    def chunks(self, kernel: str) -> Tensor:
-        """The chunk table of the fused ``kernel`` (``"triton"`` or ``"cpu"``), built once
-        per layout. The Triton table is int32 (half the bytes) while every offset fits."""
-        if kernel not in self._chunks:
-            if kernel == "triton":
-                table = self._build_chunks(cf.TILE_ROWS, cf.TILE_ROW_LEN)
-                if self.numel < 2**31 and self.group_norms.numel() < 2**31:
-                    table = table.int()
-            else:
-                table = self._build_chunks(cf.CPU_TILE_ROWS, cf.CPU_TILE_ROW_LEN)
-            self._chunks[kernel] = table.to(self.device)
-        return self._chunks[kernel]
-
-    def _build_chunks(self, rows_per_chunk: int, cols: int) -> Tensor:
-        """int64 table: ``rows_per_chunk`` rows per chunk, a row being one filter (group
-        penalty) or ``cols`` consecutive elements."""
-        table: list[list[int]] = []
-        for slot_index, slot in enumerate(self.slots):
-            code = cf.PENALTY_CODES[slot.penalty]
-            end = slot.offset + slot.numel
-            if slot.penalty == "group":
-                row_len, total_rows = slot.group_size, slot.num_groups
-            else:
-                # Rows of ``cols`` elements; a tensor smaller than one chunk gets shorter
-                # rows (whole TILE_COLS tiles), so its program does no masked-out iterations.
-                per_row = -(-slot.numel // rows_per_chunk)
-                row_len = min(cols, max(1, -(-per_row // cf.TILE_COLS)) * cf.TILE_COLS)
-                total_rows = -(-slot.numel // row_len)  # 0 for an empty tensor: no chunk
-            for first_row in range(0, total_rows, rows_per_chunk):
-                table.append(
-                    [
-                        slot.offset + first_row * row_len,
-                        min(rows_per_chunk, total_rows - first_row),
-                        row_len,
-                        end,
-                        slot_index,
-                        slot.group_index,
-                        code,
-                        slot.norm_offset + first_row if slot.penalty == "group" else 0,
-                    ]
-                )
-        return torch.tensor(table, dtype=torch.int64).reshape(-1, cf.CHUNK_FIELDS)
+    def chunk_table(self, geometry: abi.Geometry) -> Tensor:
+        """The ABI's chunk table of this bucket for ``geometry``, on the bucket's device."""
+        table = abi.chunk_table(self.slots, geometry, self.numel, self.group_norms.numel())
+        return table.to(self.device)
 
     def runs(self, active: list[bool]) -> list[Run]:
         """Maximal runs of active slots sharing group, penalty, group size and momentum
@@ -259,10 +245,8 @@ class FlatBucket:
             norm_end = slot.norm_offset + slot.num_groups
             if (
                 current is not None
-                and current.group_index == slot.group_index
-                and current.penalty == slot.penalty
-                and current.group_size == slot.group_size
-                and current.momentum_ready == slot.momentum_ready
+                and (current.group_index, current.penalty) == (slot.group_index, slot.penalty)
+                and (current.group_size, current.momentum_ready) == (slot.group_size, slot.momentum_ready)
                 and (slot.penalty != "group" or current.end == slot.offset)
             ):
                 current = Run(

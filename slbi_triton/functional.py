@@ -1,10 +1,11 @@
-"""The SLBI math in plain torch ops: the torch backend and the executable reference.
+"""The SLBI math in plain torch ops: the reference every kernel is tested against, and the
+torch backend.
 
-Every function here implements an equation of DESIGN.md §1 on tensors of any shape; the
-optimizer calls them on contiguous *runs* of its flat buffers (a run shares one param
-group, one penalty and, for the group penalty, one group size). The Triton kernel in
-``slbi_triton.kernels.slbi_step`` is tested against these functions, and both against a
-float64 reference.
+Each function implements an equation of ``docs/design.md`` ("The update", "Stochastic
+rounding") on tensors of any shape. :func:`slbi_update_` is one step on a contiguous run
+of elements sharing one param group and penalty; :func:`bucket_step_reference` is the op
+``slbi_triton::bucket_step`` written with it, reading the same ABI tables as the C and
+Triton kernels.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import abi
+
 Scalar = float | Tensor
+
+_UINT32 = 0xFFFFFFFF
 
 
 def prox_l1(z: Tensor, lam: Scalar) -> Tensor:
@@ -29,8 +34,9 @@ def group_shrink_factor(group_norms: Tensor, lam: Scalar) -> Tensor:
 
 
 def group_norms_of(z: Tensor) -> Tensor:
-    """‖Z_g‖₂ of each slice along dim 0 (one output filter or row), in float32."""
-    return torch.linalg.vector_norm(z.reshape(z.shape[0], -1).float(), dim=1)
+    """‖Z_g‖₂ of each slice along dim 0 (one output filter or row), in the arithmetic
+    dtype of ``z`` (float64 for float64, else float32)."""
+    return torch.linalg.vector_norm(z.reshape(z.shape[0], -1).to(compute_dtype(z.dtype)), dim=1)
 
 
 def prox_group(z: Tensor, lam: Scalar, group_norms: Tensor | None = None) -> Tensor:
@@ -48,6 +54,57 @@ def gamma_of(z: Tensor, kappa: Scalar, lam: Scalar, penalty: str) -> Tensor:
     if penalty == "group":
         return kappa * prox_group(z, lam)
     raise ValueError(f"Γ is defined for penalties 'l1' and 'group', not {penalty!r}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the update runs in: float64 for float64 parameters, else float32."""
+    return abi.norm_dtype(dtype)
+
+
+# -- stochastic rounding ------------------------------------------------------------------
+
+
+def sr_hash(seed: Tensor | int, step: Tensor | int, index: Tensor) -> Tensor:
+    """32 random bits per element (an int64 tensor in ``[0, 2**32)``): the counter-based
+    hash of (seed, step, flat element index) of docs/design.md, bit for bit as the C and
+    Triton kernels compute it in uint32 arithmetic."""
+    seed = torch.as_tensor(seed, device=index.device) & _UINT32
+    step = torch.as_tensor(step, device=index.device) & _UINT32
+    h = ((index & _UINT32) * 0x9E3779B1) & _UINT32
+    h = h ^ ((((index >> 32) & _UINT32) * 0x85EBCA77) & _UINT32)
+    h = h ^ seed
+    h = (h + step * 0xC2B2AE3D) & _UINT32
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _UINT32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _UINT32
+    return h ^ (h >> 16)
+
+
+def round_bf16_stochastic(value: Tensor, random16: Tensor) -> Tensor:
+    """float32 → bfloat16, rounded up in magnitude with probability (dropped bits)/2**16,
+    so the expected value is ``value``; inf stays inf and NaN stays NaN.
+
+    Args:
+        value: float32 tensor.
+        random16: int64 tensor of random integers in ``[0, 2**16)``, ``value``'s shape.
+    """
+    bits = value.view(torch.int32).to(torch.int64) & _UINT32
+    special = (bits & 0x7F800000) == 0x7F800000
+    nan_bit = torch.where((bits & 0x007FFFFF) != 0, 0x0040, 0)
+    rounded = torch.where(special, (bits >> 16) | nan_bit, (bits + random16) >> 16)
+    # The 16 high bits, as int16 (two's complement), are the bfloat16's bits.
+    return (rounded - ((rounded & 0x8000) << 1)).to(torch.int16).view(torch.bfloat16)
+
+
+def run_bits(rng: Tensor, first_index: int, like: Tensor) -> Tensor:
+    """The 32 random bits of each element of a run shaped like ``like`` whose first
+    element has flat index ``first_index`` in a bucket with ``rng`` (int64 ``[seed, step]``)."""
+    index = torch.arange(like.numel(), device=like.device, dtype=torch.int64) + first_index
+    return sr_hash(rng[abi.RNG_SEED], rng[abi.RNG_STEP], index).view(like.shape)
+
+
+# -- the update -------------------------------------------------------------------------
 
 
 def slbi_update_(
@@ -68,9 +125,11 @@ def slbi_update_(
     momentum_ready: bool,
     inv_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    rounding_rng: Tensor | None = None,
+    first_index: int = 0,
 ) -> None:
-    """One SLBI step (DESIGN.md §1) on a run of elements, in place, computed in float32
-    (float64 for float64 parameters).
+    """One SLBI step (docs/design.md, "The update") on a run of elements, in place, in
+    float32 (float64 for float64 parameters).
 
     Updates ``w``, ``z`` and ``v``; ``group_norms`` is read (‖Z_t‖) but not refreshed:
     call :func:`refresh_group_norms_` afterwards. (Inside one Inductor graph, refreshing
@@ -78,60 +137,119 @@ def slbi_update_(
 
     Args:
         w, g: weights and gradients of the run, same shape and dtype: 1-D for penalties
-            ``"l1"`` and ``"none"``, ``(groups, group_size)`` for ``"group"`` (2-D keeps
-            Inductor's loops vectorised over each group).
+            ``"l1"`` and ``"none"``, ``(groups, group_size)`` for ``"group"``.
         z: split variable of the run; ``None`` for penalty ``"none"``.
-        v: momentum buffer of the run; ``None`` when ``momentum == 0``.
-        group_norms: float32 ‖Z_g‖ of ``Z_t`` per group of the run (group penalty only).
+        v: momentum buffer of the run; ``None`` when the group keeps none.
+        group_norms: ‖Z_g‖ of ``Z_t`` per group of the run (group penalty only).
         penalty: ``"l1"``, ``"group"`` or ``"none"``.
         momentum_ready: whether ``v`` holds ``v_t``; if not, ``v_{t+1} = u``.
         inv_scale: optional 0-d float32 tensor; ``g`` holds gradients scaled by
             ``1 / inv_scale`` (``torch.amp.GradScaler``) and is unscaled as it is read.
         found_inf: optional 0-d float32 tensor; where non-zero, ``w``, ``z`` and ``v``
             keep their values (decided on the device: no host sync).
+        rounding_rng: int64 ``[seed, step]``: store ``z`` and ``v`` (bfloat16) with
+            stochastic rounding, the random bits those of :func:`run_bits`; ``None``:
+            round to nearest.
+        first_index: flat index of the run's first element in its bucket.
     """
     # Where found_inf is set every store writes back the old value instead: inf/NaN in
     # the discarded branch of torch.where does not leak into the kept one.
     keep = None if found_inf is None else found_inf != 0
+    bits = None if rounding_rng is None else run_bits(rounding_rng, first_index, w)
 
-    def store(dst: Tensor, old: Tensor, new: Tensor) -> None:
+    def store(dst: Tensor, old: Tensor, new: Tensor, random16: Tensor | None = None) -> None:
+        if random16 is not None:
+            new = round_bf16_stochastic(new, random16).to(new.dtype)
         dst.copy_(new if keep is None else torch.where(keep, old, new))
 
-    w32 = _widen(w)
-    g32 = _widen(g) if inv_scale is None else _widen(g) * inv_scale
+    work = compute_dtype(w.dtype)
+    w32 = w.to(work)
+    g32 = g.to(work) if inv_scale is None else g.to(work) * inv_scale
     u = g32 + weight_decay * w32  # u = g + wd · W_t
     if v is None:
         velocity = u
     else:
-        v32 = _widen(v)
+        v32 = v.to(work)
         velocity = momentum * v32 + (1.0 - dampening) * u if momentum_ready else u
-        store(v, v32, velocity)
+        store(v, v32, velocity, None if bits is None else bits >> 16)
     if penalty == "none":
         store(w, w32, w32 - lr * kappa * velocity)
         return
-    z32 = _widen(z)
+    z32 = z.to(work)
     if penalty == "group":
-        factor = group_shrink_factor(group_norms, lam)
-        gamma = kappa * z32 * factor[:, None]
+        gamma = kappa * z32 * group_shrink_factor(group_norms, lam)[:, None]
     else:
         gamma = kappa * prox_l1(z32, lam)
     residual = w32 - gamma  # W_t − Γ_t
     store(w, w32, w32 - lr * kappa * (velocity + residual / mu))
-    store(z, z32, z32 + (lr / mu) * residual)
-
-
-def _widen(t: Tensor) -> Tensor:
-    """The precision the update runs in: float32, or float64 for float64 tensors."""
-    return t if t.dtype == torch.float64 else t.float()
+    store(z, z32, z32 + (lr / mu) * residual, None if bits is None else bits & 0xFFFF)
 
 
 def refresh_group_norms_(z: Tensor, group_norms: Tensor, found_inf: Tensor | None = None) -> None:
-    """Write ‖Z_g‖ of each row of the 2-D ``z`` (one group a row) into ``group_norms``;
-    where ``found_inf`` (0-d) is non-zero, keep the old norms bit for bit."""
-    if z.dtype == torch.float64:
-        z = z.float()  # vector_norm does not narrow its input; the norm table is float32
+    """Write ‖Z_g‖ of each row of the 2-D ``z`` (one group a row) into ``group_norms``
+    (in its dtype); where ``found_inf`` (0-d) is non-zero, keep the old norms bit for bit."""
+    norms = torch.linalg.vector_norm(z.to(group_norms.dtype), dim=1)
     if found_inf is None:
-        torch.linalg.vector_norm(z, dim=1, dtype=torch.float32, out=group_norms)
+        group_norms.copy_(norms)
     else:
-        norms = torch.linalg.vector_norm(z, dim=1, dtype=torch.float32)
         group_norms.copy_(torch.where(found_inf != 0, group_norms, norms))
+
+
+def count_step_(rng: Tensor, found_inf: Tensor | None = None) -> None:
+    """``rng[step] += 1``, unless ``found_inf`` (0-d) is non-zero; device ops only."""
+    step = rng[abi.RNG_STEP :]
+    step.add_(1 if found_inf is None else (found_inf == 0).to(torch.int64))
+
+
+# -- the op, in torch ----------------------------------------------------------------------
+
+
+def bucket_step_reference(
+    params: Tensor,
+    grads: Tensor,
+    z: Tensor,
+    momentum: Tensor | None,
+    group_norms: Tensor,
+    chunks: Tensor,
+    slot_flags: Tensor,
+    hparams: Tensor,
+    rng: Tensor,
+    inv_scale: Tensor | None,
+    found_inf: Tensor | None,
+    stochastic_rounding: bool,
+) -> None:
+    """``slbi_triton::bucket_step`` in torch ops, chunk by chunk from the same tables
+    (slow: for tests). Every kernel is tested against it."""
+    if found_inf is not None and bool(found_inf.reshape(()) != 0):
+        return
+    inv = None if inv_scale is None else inv_scale.reshape(())
+    for chunk in chunks.tolist():
+        flags = int(slot_flags[chunk[abi.CHUNK_SLOT]])
+        if not flags & abi.FLAG_ACTIVE:
+            continue
+        hp = hparams[chunk[abi.CHUNK_HPARAM_ROW]].tolist()
+        penalty = next(k for k, code in abi.PENALTY_CODES.items() if code == chunk[abi.CHUNK_PENALTY])
+        start, rows, row_len = chunk[abi.CHUNK_START], chunk[abi.CHUNK_ROWS], chunk[abi.CHUNK_ROW_LEN]
+        stop = min(start + rows * row_len, chunk[abi.CHUNK_END])
+        shape = (rows, row_len) if penalty == "group" else (stop - start,)
+        span = slice(start, stop)
+        norms = None
+        if penalty == "group":
+            norms = group_norms[chunk[abi.CHUNK_NORM_OFFSET] : chunk[abi.CHUNK_NORM_OFFSET] + rows]
+        use_momentum = hp[abi.HP_USE_MOMENTUM] != 0.0 and momentum is not None
+        slbi_update_(
+            params[span].view(shape),
+            grads[span].view(shape),
+            None if penalty == "none" else z[span].view(shape),
+            momentum[span].view(shape) if use_momentum else None,
+            norms,
+            **{key: hp[column] for column, key in abi.HPARAM_KEYS.items()},
+            penalty=penalty,
+            momentum_ready=bool(flags & abi.FLAG_MOMENTUM_READY),
+            inv_scale=inv,
+            rounding_rng=rng if stochastic_rounding else None,
+            first_index=start,
+        )
+        if norms is not None:
+            refresh_group_norms_(z[span].view(shape), norms)
+    count_step_(rng)

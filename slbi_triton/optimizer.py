@@ -1,12 +1,14 @@
-"""The SLBI optimizer: Split Linearized Bregman Iteration with momentum (DESIGN.md §1)."""
+"""The SLBI optimizer: the ``torch.optim`` face of Split Linearized Bregman Iteration.
+
+The update is stated in ``docs/design.md`` ("The update"); the flat buffers live in
+:mod:`.storage`, the kernels are chosen and called in :mod:`.dispatch`, the toolbox is
+:mod:`.toolbox` and :mod:`.pruning`, and every check at the door is in :mod:`.validation`.
+"""
 
 from __future__ import annotations
 
 import functools
-import logging
-import math
 import os
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,134 +17,47 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import functional
-from .buckets import FlatBucket, Slot
-from .kernels import chunk_format as cf
-from .kernels import cpu_step
-from .toolbox import ToolboxMixin, _as_epochs, order_shape
+from . import torch_private
+from .buckets import FlatBucket
+from .dispatch import BucketKernel, HparamTables, KernelInfo, choose_kernel
+from .pruning import Pruner
+from .storage import FlatStorage
+from .toolbox import ORDER_STATE_KEYS, Toolbox, as_epochs, order_shape
+from .validation import (
+    BACKENDS,
+    HYPERPARAMETERS,
+    check_group_penalty,
+    check_hyperparameters,
+    check_loaded_state,
+    check_parameter,
+    check_state_dtype,
+    resolve_penalty,
+)
 
 __all__ = ["SLBI"]
 
-logger = logging.getLogger(__name__)
-
-PENALTIES = ("auto", "l1", "group", "none")
-BACKENDS = ("auto", "torch", "triton")
-# Order of the columns of the kernel's hyper-parameter table.
-_HPARAM_KEYS = {
-    cf.HP_LR: "lr",
-    cf.HP_KAPPA: "kappa",
-    cf.HP_MU: "mu",
-    cf.HP_LAM: "lam",
-    cf.HP_MOMENTUM: "momentum",
-    cf.HP_DAMPENING: "dampening",
-    cf.HP_WEIGHT_DECAY: "weight_decay",
-}
-_VALIDATED_KEYS = (*_HPARAM_KEYS.values(), "penalty")
-
-
-def _triton_step() -> Callable[..., None] | None:
-    """The fused Triton launcher, or None when Triton cannot be imported."""
-    try:
-        from .kernels.slbi_step import slbi_bucket_step
-    except ImportError:
-        return None
-    return slbi_bucket_step
-
-
-@functools.cache
-def _fused_torch_update() -> Callable[..., None]:
-    """``functional.slbi_update_`` compiled by Inductor with dynamic shapes: one fused
-    loop per run, no temporaries; compiled once per (penalty, momentum, dtype)."""
-    return torch.compile(functional.slbi_update_, dynamic=True)
-
-
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _as_float(name: str, value: Any, read_device: bool = True) -> float | None:
-    """``value`` as a float; ``None`` for a tensor on an accelerator when not
-    ``read_device`` (reading it would wait for the device)."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
-        if not read_device and value.device.type != "cpu":
-            return None
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    return float(value)
-
-
-def _validate_hyperparameters(group: dict[str, Any], where: str, read_device: bool = True) -> None:
-    """Raise ValueError/TypeError naming the first bad hyper-parameter of ``group``; the
-    values of accelerator tensors are checked only when ``read_device`` (not per step:
-    the step never waits for the device)."""
-    checks: dict[str, tuple[Callable[[float], bool], str]] = {
-        "lr": (lambda x: x >= 0.0, "a finite number >= 0"),
-        "kappa": (lambda x: x > 0.0, "a finite number > 0"),
-        "mu": (lambda x: x > 0.0, "a finite number > 0"),
-        "lam": (lambda x: x >= 0.0, "a finite number >= 0"),
-        "momentum": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
-        "dampening": (lambda x: 0.0 <= x <= 1.0, "in [0, 1]"),
-        "weight_decay": (lambda x: x >= 0.0, "a finite number >= 0"),
-    }
-    for key, (ok, expected) in checks.items():
-        value = _as_float(f"{key} ({where})", group[key], read_device)
-        if value is None:
-            continue
-        if not math.isfinite(value) or not ok(value):
-            raise ValueError(f"Invalid {key} ({where}): {group[key]!r}; expected {expected}")
-    penalty = group["penalty"]
-    if penalty not in PENALTIES:
-        raise ValueError(f"Invalid penalty ({where}): {penalty!r}; expected one of {PENALTIES}")
-
-
-def _check_group_penalty(
-    penalty: str, params: Iterable[Tensor], where: str, labels: Iterable[str] | None = None
-) -> None:
-    """Refuse penalty ``"group"`` on a 0-D/1-D parameter; ``labels`` name the parameters
-    in the message (default: their position in the group ``where``)."""
-    if penalty != "group":
-        return
-    params = list(params)
-    if labels is None:
-        labels = [f"parameter {position} of {where}" for position in range(len(params))]
-    for param, label in zip(params, labels, strict=True):
-        if param.dim() < 2:
-            raise ValueError(
-                f"penalty 'group' needs a tensor of at least 2 dims, but {label} has shape "
-                f"{tuple(param.shape)}; use penalty 'l1', 'none' or 'auto' for it"
-            )
-
-
-def resolve_penalty(penalty: str, param: Tensor) -> str:
-    """The penalty a parameter gets: ``"auto"`` is group for ≥3-D, l1 for 2-D, none else;
-    an empty tensor has nothing to penalise (``"none"``, whatever its group says)."""
-    if param.numel() == 0:
-        return "none"
-    if penalty != "auto":
-        return penalty
-    if param.dim() >= 3:
-        return "group"
-    return "l1" if param.dim() == 2 else "none"
-
-
-# Order state that ``load_state_dict`` restores with the dtype it was saved in: torch's
-# loader would cast it to the parameter's dtype (int64 epochs to float, float32 norms
-# and magnitudes of a bfloat16 parameter to bfloat16).
-_EXACT_STATE_KEYS = ("group_norms", "entry_epoch", "order_magnitude")
 # Options of a torch.optim.SGD param group that SLBI has no use for: not loaded.
 _SGD_ONLY_KEYS = ("nesterov", "maximize", "foreach", "differentiable", "fused")
 
 
-class SLBI(ToolboxMixin, Optimizer):
+def _toolbox_method(component: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """An SLBI method that forwards to ``self.<component>.<method>`` (same docstring and
+    signature)."""
+
+    @functools.wraps(method)
+    def forward(self: SLBI, *args: Any, **kwargs: Any) -> Any:
+        return getattr(getattr(self, component), method.__name__)(*args, **kwargs)
+
+    return forward
+
+
+class SLBI(Optimizer):
     r"""Split Linearized Bregman Iteration with momentum (FuSplit LBI).
 
     SGD with momentum plus a split variable ``Z`` per penalised parameter whose shrunken
     image ``Γ = κ·prox(Z)`` walks a regularisation path: weights (penalty ``"l1"``) or
     output filters (penalty ``"group"``) enter the support one by one. One step, per
-    parameter ``W`` with gradient ``g`` (DESIGN.md §1)::
+    parameter ``W`` with gradient ``g`` (``docs/design.md``)::
 
         u       = g + wd·W
         v_{t+1} = u (first step) else ρ·v_t + (1−δ)·u
@@ -153,8 +68,8 @@ class SLBI(ToolboxMixin, Optimizer):
     and ``W_{t+1} = W_t − α·κ·v_{t+1}`` for parameters with penalty ``"none"``.
 
     All parameters of one (device, dtype) live in flat contiguous buffers (weights,
-    gradients, Z, momentum); every ``param.data`` and ``param.grad`` is a view into them,
-    and one fused pass per buffer does the whole step.
+    gradients, Z, momentum); every ``param.data``, ``param.grad`` and state tensor is a
+    view into them, and one fused kernel call per buffer does the whole step.
 
     Args:
         params: ``model.parameters()``, ``model.named_parameters()`` or a list of
@@ -170,15 +85,20 @@ class SLBI(ToolboxMixin, Optimizer):
             ``"l1"``, ``"group"`` or ``"none"``; per param group (default: ``"auto"``).
         backend: ``"auto"`` (Triton for CUDA buffers when Triton imports, torch
             otherwise), ``"torch"`` or ``"triton"`` (default: ``"auto"``).
-        fused: for the torch backend on the CPU, run the step fused: float32 and float64
-            buckets in one pass of the C kernel ``slbi_step_cpu.c`` (built on first use
-            with the system C compiler, 0.3-0.5 s, then cached on disk), other dtypes
-            as one Inductor-compiled loop per run of parameters (``torch.compile``).
-            ``None`` (default) turns it on for CPU buffers; ``False`` keeps plain eager
-            ops. Without a working compiler the optimizer logs a warning and falls back
-            to Inductor, then to eager ops. Which kernel runs a buffer is decided when
-            the buffers are laid out (at construction, ``add_param_group`` or
-            ``load_state_dict``), not at every step.
+        fused: for the torch backend, run the step fused: on the CPU, float32 and float64
+            buffers in one call of the C kernel (built on first use with the system C
+            compiler, then cached on disk), other dtypes as one Inductor-compiled loop
+            per run of parameters. ``None`` (default): fused on the CPU, eager ops on
+            CUDA; ``False``: eager ops. Without a working compiler the optimizer logs a
+            warning and falls back to Inductor, then to eager ops. Which kernel runs a
+            buffer is decided when the buffers are laid out (see :meth:`kernels`).
+        state_dtype: ``torch.bfloat16`` stores Z and the momentum buffer in bfloat16
+            (float32, bfloat16 and float16 parameters; float64 ones keep float64),
+            computes the update in float32 and writes them back with reproducible
+            stochastic rounding: half the state memory and the bytes per step of fused
+            SGD. ``None`` (default): the parameters' dtype.
+        seed: seed of the stochastic rounding (default: ``torch.initial_seed()``, so
+            ``torch.manual_seed`` makes a run reproducible).
 
     Example:
         >>> opt = SLBI(model.named_parameters(), lr=0.1, kappa=1, mu=100)
@@ -186,17 +106,21 @@ class SLBI(ToolboxMixin, Optimizer):
         >>> loss_fn(model(x), y).backward()
         >>> opt.step()
 
-    ``zero_grad()`` zeroes the flat gradient buffer in place and keeps the views; a
-    parameter that received no gradient since then is skipped by ``step()`` (W, Z and
-    momentum unchanged), exactly as ``torch.optim.SGD`` skips a ``None`` gradient.
+    A parameter's ``.grad`` is ``None`` until autograd writes one; that gradient is then
+    copied once into the flat gradient buffer and ``.grad`` stays a view into it.
+    ``zero_grad()`` (default ``set_to_none=False``, unlike ``torch.optim``) zeroes the flat
+    buffer in place and keeps the views, so no later step copies. A parameter that
+    received no gradient since then is skipped by ``step()``, exactly as
+    ``torch.optim.SGD`` skips a ``None`` gradient.
 
     State per parameter (``opt.state[p]``, and ``state_dict()`` by index):
-    ``"momentum_buffer"`` and ``"z"`` (the parameter's shape), ``"group_norms"`` (float32
-    ‖Z_g‖ per output filter, group penalty), and the toolbox's ``"entry_epoch"`` and
-    ``"order_magnitude"``; ``state_dict()["slbi"]`` holds the toolbox's path history and
-    frozen masks. ``torch.amp.GradScaler`` hands the optimizer its scale and inf flag
-    (``_step_supports_amp_scaling``): the step unscales the gradients as it reads them and
-    writes nothing when they hold inf/NaN, without waiting for the device.
+    ``"momentum_buffer"`` and ``"z"`` (the parameter's shape), ``"group_norms"`` (‖Z_g‖
+    per output filter, group penalty), and the toolbox's ``"entry_epoch"`` and
+    ``"order_magnitude"``; ``state_dict()["slbi"]`` holds the step count, the seed, the
+    toolbox's path history and frozen masks. ``torch.amp.GradScaler`` hands the
+    optimizer its scale and inf flag (``_step_supports_amp_scaling``): the step unscales
+    the gradients as it reads them and writes nothing when they hold inf/NaN, without
+    waiting for the device.
     """
 
     # GradScaler.step() then sets ``self.grad_scale`` and ``self.found_inf`` instead of
@@ -217,18 +141,12 @@ class SLBI(ToolboxMixin, Optimizer):
         *,
         backend: str = "auto",
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        seed: int | None = None,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "kappa": kappa,
-            "mu": mu,
-            "lam": lam,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "penalty": penalty,
-        }
-        _validate_hyperparameters(defaults, "defaults")
+        defaults = dict(zip(HYPERPARAMETERS, (lr, kappa, mu, lam, momentum, dampening, weight_decay), strict=True))
+        defaults["penalty"] = penalty
+        check_hyperparameters(defaults, "defaults")
         if isinstance(params, (set, frozenset)):
             # Iteration order would decide the state_dict indices: refuse, as torch does for a group.
             raise TypeError("params must be an ordered collection (a list), not a set")
@@ -236,36 +154,38 @@ class SLBI(ToolboxMixin, Optimizer):
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
         if fused not in (None, True, False):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
+        check_state_dtype(state_dtype)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}: {seed!r}")
         self.backend = backend
         self.fused = fused
-        self._slots: list[Slot] = []
-        self._slot_by_id: dict[int, Slot] = {}
-        self._buckets: list[FlatBucket] = []
+        self.state_dtype = state_dtype
+        self.current_epoch: int | None = None
+        self._init_components(torch.initial_seed() if seed is None else seed)
+        super().__init__(params, defaults)
+        self._relayout(steps=0)
+        self._layout_ready = True
+
+    def _init_components(self, seed: int) -> None:
+        """The parts an SLBI is made of (also after unpickling)."""
         self._layout_ready = False
+        self._storage = FlatStorage(self.state_dtype, seed & 0xFFFFFFFF)
+        self._toolbox = Toolbox(self, self._storage)
+        self._pruner = Pruner(self._toolbox, self, self._storage)
+        self._tables = HparamTables()
         self._step_calls = _StepCalls()
-        self._fused_failed = False
         # Per param group, the plain values last found valid (see _validate_groups), and
         # the penalties the layout was last checked against (see _apply_group_changes).
         self._valid_groups: dict[int, tuple[Any, ...]] = {}
         self._checked_penalties: tuple[str, ...] | None = None
-        self._hparam_tables: dict[tuple[torch.device, torch.dtype], tuple[tuple[float, ...], Tensor]] = {}
-        # Where a module's attribute that held one of our parameters was given another
-        # Parameter (``load_state_dict(assign=True)``, ``module.weight = ...``):
-        # id(our parameter) -> (our parameter, [(module, attribute name), ...]).
-        self._replaced_in: dict[int, tuple[Tensor, list[tuple[weakref.ref, str]]]] = {}
-        super().__init__(params, defaults)
-        self._rebuild_layout()
-        self._layout_ready = True
-        self._init_toolbox()
-        _watch_parameter_replacement(self)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # A torch LR scheduler replaces ``opt.step`` by a wrapper defined in
-        # torch/optim/lr_scheduler.py, a file Dynamo never traces: a compiled training
-        # step would break its graph at ``opt.step()``. Install an equivalent wrapper
-        # defined here instead (it sets the same flag the scheduler checks).
-        if name == "step" and getattr(value, "_wrapped_by_lr_sched", False):
-            value = _scheduler_tracked_step(self)
+        # An LR scheduler replaces ``opt.step`` by a wrapper Dynamo cannot trace: put an
+        # equivalent, traceable one in its place (see torch_private).
+        if name == "step" and torch_private.is_scheduler_wrapper(value):
+            value = torch_private.scheduler_step(
+                functools.partial(type(self).step, self), self._step_calls.mark_called
+            )
         super().__setattr__(name, value)
 
     @property
@@ -277,6 +197,38 @@ class SLBI(ToolboxMixin, Optimizer):
     def _opt_called(self, value: bool) -> None:
         self._step_calls.opt_called = value
 
+    # -- copy and pickle ----------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: torch's three fields, the options,
+        the step count and seed, and the toolbox's state; the flat buffers are laid out
+        anew from the (copied) parameters and state."""
+        state = super().__getstate__()
+        state["state"] = {
+            param: {key: value.clone() if isinstance(value, Tensor) else value for key, value in entry.items()}
+            for param, entry in self.state.items()
+        }
+        state["slbi"] = {
+            "backend": self.backend, "fused": self.fused, "state_dtype": self.state_dtype,
+            "seed": self._storage.seed, "steps": self._storage.steps_done(), "current_epoch": self.current_epoch,
+            "order_path": self._toolbox.order_path, "frozen": self._pruner.frozen, "snapshot": self._pruner.snapshot,
+        }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        extras = state.pop("slbi", None)
+        super().__setstate__(state)
+        if extras is None:  # not ours (e.g. a torch.optim pickle): nothing to lay out
+            return
+        self.backend, self.fused, self.state_dtype = extras["backend"], extras["fused"], extras["state_dtype"]
+        self.current_epoch = extras["current_epoch"]
+        self._init_components(extras["seed"])
+        self._relayout(steps=extras["steps"])
+        self._layout_ready = True
+        self._toolbox.order_path = extras["order_path"]
+        self._pruner.snapshot = extras["snapshot"]
+        self._pruner.set_frozen(extras["frozen"])
+
     # -- param groups ---------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -285,7 +237,7 @@ class SLBI(ToolboxMixin, Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         merged = {**self.defaults, **param_group}
         where = f"param group {len(self.param_groups)}"
-        _validate_hyperparameters(merged, where)
+        check_hyperparameters(merged, where)
         raw = param_group["params"]
         if isinstance(raw, (Tensor, tuple)):
             raw = [raw]
@@ -294,30 +246,25 @@ class SLBI(ToolboxMixin, Optimizer):
         else:
             raw = list(raw)
             param_group = {**param_group, "params": raw}
-        names, tensors = [], []
-        for item in raw:
-            name, tensor = item if isinstance(item, tuple) else (None, item)
-            names.append(name)
-            tensors.append(tensor)
-        self._validate_params(tensors, names, merged["penalty"], where)
+        names = [item[0] if isinstance(item, tuple) else None for item in raw]
+        tensors = [item[1] if isinstance(item, tuple) else item for item in raw]
+        self._check_new_params(tensors, names, merged["penalty"], where)
         super().add_param_group(param_group)
         if self._layout_ready:
-            self._rebuild_layout()
+            self._relayout()
 
-    def _validate_params(self, tensors: list[Any], names: list[str | None], penalty: str, where: str) -> None:
+    def _check_new_params(self, tensors: list[Any], names: list[str | None], penalty: str, where: str) -> None:
         seen = {id(p) for group in self.param_groups for p in group["params"]}
         labels = [
             f"parameter {name!r}" if name is not None else f"parameter {position} of {where}"
             for position, name in enumerate(names)
         ]
         for param, label in zip(tensors, labels, strict=True):
-            if not isinstance(param, Tensor):
-                raise TypeError(f"{label} is not a Tensor but {type(param).__name__}")
-            _check_parameter_tensor(param, label)
+            check_parameter(param, label)
             if id(param) in seen:
                 raise ValueError(f"{label} appears more than once in the optimizer's parameters")
             seen.add(id(param))
-        _check_group_penalty(penalty, tensors, where, labels)
+        check_group_penalty(penalty, tensors, where, labels)
 
     def assign_name(self, names: Iterable[str]) -> None:
         """Name the parameters in order (the paper's form ``SLBI(model.parameters())``).
@@ -341,303 +288,49 @@ class SLBI(ToolboxMixin, Optimizer):
             count = len(group["params"])
             group["param_names"] = names[position : position + count]
             position += count
-        for slot in self._slots:
+        for slot in self._storage.slots:
             slot.name = names[slot.index]
 
-    # -- layout ---------------------------------------------------------------------
+    def kernels(self) -> list[KernelInfo]:
+        """Which kernel updates which parameters: one :class:`KernelInfo` per flat buffer
+        (``"triton"``, ``"c"``, ``"inductor"`` or ``"eager"``; see ``docs/design.md``)."""
+        return [
+            KernelInfo(
+                bucket.kernel.name, bucket.device, bucket.dtype, bucket.state_dtype,
+                tuple(slot.name if slot.name is not None else slot.index for slot in sorted(
+                    bucket.slots, key=lambda s: s.index)),
+            )
+            for bucket in self._storage.buckets
+        ]
 
-    def _rebuild_layout(self) -> None:
-        """(Re)create the flat buckets from the parameters' current values and state."""
-        old_slots = {id(slot.param): slot for slot in self._slots}
-        for slot in self._slots:
-            if slot.hook_handle is not None:
-                slot.hook_handle.remove()
-        slots: list[Slot] = []
-        momentum_groups: set[int] = set()
-        for group_index, group in enumerate(self.param_groups):
-            names = group.get("param_names", [None] * len(group["params"]))
-            if group["momentum"] != 0:
-                momentum_groups.add(group_index)
-            for param, name in zip(group["params"], names, strict=True):
-                slots.append(
-                    Slot(
-                        param=param,
-                        name=name,
-                        index=len(slots),
-                        group_index=group_index,
-                        penalty=resolve_penalty(group["penalty"], param),
-                    )
-                )
-        by_bucket: dict[tuple[torch.device, torch.dtype], list[Slot]] = {}
-        for slot in slots:
-            by_bucket.setdefault((slot.param.device, slot.param.dtype), []).append(slot)
-        buckets = []
-        for bucket_slots in by_bucket.values():
-            # A momentum buffer kept in the state of a group now at ρ = 0 stays too
-            # (it is used again if ρ goes back up, as in torch.optim.SGD).
-            needs_momentum = any(
-                s.group_index in momentum_groups or "momentum_buffer" in self.state[s.param]
-                for s in bucket_slots
-            )
-            bucket = FlatBucket(bucket_slots, momentum=needs_momentum)
-            bucket.backend = self._resolve_backend(bucket.device)
-            bucket.cpu_kernel = (
-                bucket.backend == "torch"
-                and bucket.device.type == "cpu"
-                and self.fused is not False
-                and cpu_step.available(bucket.dtype)
-            )
-            if bucket.backend == "triton":
-                bucket.chunks("triton")  # built once here, never inside a traced step
-            elif bucket.cpu_kernel:
-                bucket.chunks("cpu")
-            stale_norms = [
-                slot
-                for slot in bucket.slots
-                if not self._bind_slot(bucket, slot, old_slots.get(id(slot.param)))
-            ]
-            bucket.refresh_group_norms(stale_norms)
-            buckets.append(bucket)
-        self._slots = slots
-        self._slot_by_id = {id(slot.param): slot for slot in slots}
-        self._buckets = buckets
-        # The penalties this layout resolved (see _apply_group_changes).
+    def _relayout(self, steps: int | None = None) -> None:
+        self._storage.layout(self.param_groups, self.state, self._choose_kernel, steps)
         self._checked_penalties = tuple(group["penalty"] for group in self.param_groups)
 
-    def _resolve_backend(self, device: torch.device) -> str:
-        if self.backend == "torch":
-            return "torch"
-        triton_available = _triton_step() is not None
-        if self.backend == "triton":
-            if not triton_available:
-                raise ValueError("backend='triton' but Triton cannot be imported; use backend='torch'")
-            if device.type != "cuda" and not _triton_interpreted():
-                raise ValueError(
-                    f"backend='triton' needs CUDA parameters (got {device.type}); on the CPU set "
-                    "TRITON_INTERPRET=1 (slow, for testing) or use backend='torch'"
-                )
-            return "triton"
-        return "triton" if triton_available and device.type == "cuda" else "torch"
+    def _choose_kernel(self, bucket: FlatBucket) -> BucketKernel:
+        return choose_kernel(bucket, self.backend, self.fused)
 
-    def _bind_slot(self, bucket: FlatBucket, slot: Slot, old: Slot | None) -> bool:
-        """Copy a parameter, its gradient and its state into the flat buffers and make
-        ``param.data``, ``param.grad`` and the state tensors views into them.
-
-        Returns whether the slot's group norms are current: taken over from the state
-        (bit for bit, as the step that wrote them computed them) rather than to be
-        recomputed from Z.
-        """
-        param = slot.param
-        state = self.state[param]
-        slot.param_view.copy_(param.detach())
-        grad = param.grad
-        if grad is not None:
-            slot.grad_view.copy_(grad)
-        slot.grad_seen = old.grad_seen if old is not None else grad is not None
-        param.data = slot.param_view
-        param.grad = slot.grad_view
-        slot.impl = param._cdata
-        slot.data_ptr = slot.param_view.data_ptr()
-        norms_current = True
-        z = state.get("z")
-        if slot.z_view is not None:
-            if z is not None:
-                slot.z_view.copy_(z)
-            state["z"] = slot.z_view
-        else:
-            state.pop("z", None)
-        norms = state.pop("group_norms", None)
-        if slot.penalty == "group":
-            # Norms of a Z that is now cast to another dtype are stale by a rounding.
-            norms_current = (
-                norms is not None
-                and z is not None
-                and z.dtype == slot.z_view.dtype
-                and tuple(norms.shape) == (slot.num_groups,)
-            )
-            if norms_current:
-                bucket.norms_of(slot).copy_(norms)
-            state["group_norms"] = bucket.norms_of(slot)
-        slot.momentum_ready = state.get("momentum_buffer") is not None
-        if slot.momentum_ready:
-            slot.momentum_view.copy_(state["momentum_buffer"])
-            state["momentum_buffer"] = slot.momentum_view
-        else:
-            state.pop("momentum_buffer", None)  # torch.optim.SGD can store None
-        if param.requires_grad:
-            slot.hook_handle = param.register_post_accumulate_grad_hook(_GradSeenHook(slot))
-            # Assigning the hook dict (re-)arms it in the autograd engine: after
-            # torch.utils.swap_tensors the parameter keeps the dict but the engine no
-            # longer calls it, and registering one more hook does not fix that.
-            param._post_accumulate_grad_hooks = param._post_accumulate_grad_hooks
-        return norms_current
-
-    def _sync_storage(self) -> None:
-        """Re-bind parameters that left the flat buffers since the last step, before
-        the update reads them, so that none is silently left out:
-
-        - a module attribute given another Parameter (``load_state_dict(assign=True)``,
-          ``module.weight = nn.Parameter(...)``): the new Parameter takes the old one's
-          place, state and group;
-        - ``model.to(dtype/device)``, ``.double()``, ``.half()`` (with or without
-          ``torch.__future__.set_swap_module_params_on_conversion``): the buffers are
-          laid out again and Z and momentum follow the cast;
-        - ``p.data = ...``: the new values are copied into the buffer.
-
-        Everything is checked first: a shape change raises before anything changes.
-        """
-        replacements = self._pending_replacements()
-        for slot in self._slots:
-            param = replacements.get(id(slot.param), slot.param)
-            label = slot.label
-            if param is not slot.param or param.dtype != slot.param_view.dtype:
-                _check_parameter_tensor(param, label)
-            if param.shape != slot.param_view.shape:
-                raise ValueError(
-                    f"{label} changed shape from {tuple(slot.param_view.shape)} to {tuple(param.shape)} "
-                    "after the optimizer was built; build a new SLBI (or load its state_dict into one)"
-                )
-        self._replaced_in.clear()
-        relayout = bool(replacements)
-        for slot in self._slots:
-            if id(slot.param) in replacements:
-                self._replace_param(slot, replacements[id(slot.param)])
-        for bucket in self._buckets:
-            for slot in bucket.slots:
-                param = slot.param
-                if param._cdata != slot.impl:
-                    # Swapped TensorImpl: our hook was not called since, so trust a
-                    # gradient found outside the flat buffer (as SGD would use it).
-                    grad = param.grad
-                    foreign = grad is not None and not _lives_in(grad, bucket.grads)
-                    slot.grad_seen = slot.grad_seen or foreign
-                    relayout = True
-                elif param.device != bucket.device or param.dtype != bucket.dtype:
-                    relayout = True
-                elif param.data_ptr() != slot.param_view.data_ptr() or param.stride() != slot.strides:
-                    slot.param_view.copy_(param.detach())
-                    param.data = slot.param_view
-        if relayout:
-            self._rebuild_layout()
-
-    def _note_replacement(self, module: torch.nn.Module, name: str, old: Tensor) -> None:
-        """Called when ``module.<name>``, which holds ``old``, is given another Parameter.
-
-        Only the place is kept: :meth:`_pending_replacements` reads what it holds at the
-        next step, so later re-assignments (re-tying weights, assigning back) count too.
-        """
-        if id(old) not in self._slot_by_id:
-            return  # not ours, or a place already watched (replaced again)
-        _, places = self._replaced_in.setdefault(id(old), (old, []))
-        if not any(m() is module and n == name for m, n in places):
-            places.append((weakref.ref(module), name))
-
-    def _pending_replacements(self) -> dict[int, Tensor]:
-        """id(our parameter) -> the Parameter that replaced it in the model; raises if
-        one of ours (tied weights) was replaced by different Parameters."""
-        result: dict[int, Tensor] = {}
-        for key, (old, places) in self._replaced_in.items():
-            found: list[Tensor] = []
-            for module_ref, name in places:
-                module = module_ref()
-                new = None if module is None else module._parameters.get(name)
-                # Assigned back, or re-tied to a parameter we update anyway: nothing to do.
-                if new is None or new is old or id(new) in self._slot_by_id:
-                    continue
-                if all(new is not other for other in found):
-                    found.append(new)
-            if len(found) > 1:
-                raise ValueError(
-                    f"{self._slot_by_id[key].label} was replaced by {len(found)} different Parameters in "
-                    "the model (tied weights untied by load_state_dict(assign=True)?); tie them again, or "
-                    "build the optimizer after loading"
-                )
-            if found:
-                result[key] = found[0]
-        return result
-
-    def _replace_param(self, slot: Slot, new: Tensor) -> None:
-        """Put ``new`` in ``slot.param``'s place: param group, state and toolbox masks."""
-        old = slot.param
-        params = self.param_groups[slot.group_index]["params"]
-        params[next(i for i, p in enumerate(params) if p is old)] = new
-        if old in self.state:
-            self.state[new] = self.state.pop(old)
-        self._rekey_param(old, new)
-        slot.param = new
-        # Our hook was never on ``new``: a gradient it holds came from autograd.
-        slot.grad_seen = new.grad is not None
-
-    # -- gradients ------------------------------------------------------------------
+    # -- gradients and the step -------------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero every gradient in place (one fill per flat buffer), keeping the views.
 
         Args:
-            set_to_none: also set every ``param.grad`` to ``None`` (``step()`` re-binds
-                gradients that autograd creates afterwards). Default: ``False``.
+            set_to_none: set every ``param.grad`` to ``None`` instead; the next gradient
+                autograd makes is copied into the flat buffer again. Default: ``False``
+                (``torch.optim``'s default is ``True``; keeping the views saves that copy).
         """
-        if torch.compiler.is_compiling() and set_to_none:
-            # A compiled step cannot re-bind gradients that autograd creates afresh: it
-            # would train on the stale flat buffer. Refuse rather than train wrongly.
-            raise RuntimeError(
-                "SLBI.zero_grad(set_to_none=True) inside torch.compile'd code: use opt.zero_grad() "
-                "(it zeroes the flat gradient buffer and keeps the views the compiled step reads)"
-            )
-        if not torch.compiler.is_compiling() and not self._bindings_intact():
-            self._sync_storage()  # so that the views below are views of the current buffers
-        for bucket in self._buckets:
-            bucket.grads.zero_()
-        if torch.compiler.is_compiling() and not set_to_none:
-            return  # traced: the views stay bound; the flags matter to eager steps only
-        for slot in self._slots:
-            slot.grad_seen = False
-            slot.param.grad = None if set_to_none else slot.grad_view
-
-    def _check_gradients(self) -> None:
-        """Refuse sparse and complex gradients (before anything changes)."""
-        for slot in self._slots:
-            grad = slot.param.grad
-            if grad is None or _is_view_of(grad, slot.grad_view):
-                continue
-            label = slot.label
-            if grad.is_sparse or grad.layout != torch.strided:
-                raise TypeError(f"SLBI does not support sparse gradients ({label}, layout {grad.layout})")
-            if grad.is_complex():
-                raise TypeError(f"SLBI does not support complex gradients ({label}, dtype {grad.dtype})")
-
-    def _bindings_intact(self) -> bool:
-        """The common case, checked cheaply every step: every parameter still lives where
-        it was bound and its ``.grad`` is our view or ``None``, so there is nothing to
-        re-bind and no foreign gradient to check or copy."""
-        if self._replaced_in:
-            return False
-        for slot in self._slots:
-            param = slot.param
-            if param._cdata != slot.impl or param.data_ptr() != slot.data_ptr:
-                return False
-            grad = param.grad
-            if grad is not None and grad is not slot.grad_view:
-                return False
-        return True
-
-    def _active_slots(self, intact: bool = False) -> list[list[bool]]:
-        """Which parameters to update, per bucket; unless the bindings are ``intact``,
-        foreign gradients (checked by :meth:`_check_gradients`) are first copied into the
-        flat buffer and re-bound as views."""
-        if not intact:
-            for slot in self._slots:
-                grad = slot.param.grad
-                if grad is not None and not _is_view_of(grad, slot.grad_view):
-                    slot.grad_view.copy_(grad)
-                    slot.param.grad = slot.grad_view
-                    slot.grad_seen = True
-        return [
-            [slot.param.grad is not None and slot.grad_seen for slot in bucket.slots]
-            for bucket in self._buckets
-        ]
-
-    # -- the step -------------------------------------------------------------------
+        if torch.compiler.is_compiling():
+            if set_to_none:
+                # A compiled step reads the flat buffer: the views must stay bound.
+                raise RuntimeError(
+                    "SLBI.zero_grad(set_to_none=True) inside torch.compile'd code: use opt.zero_grad() "
+                    "(it zeroes the flat gradient buffer and keeps the views the compiled step reads)"
+                )
+        elif not self._storage.intact():
+            self._storage.check()
+            self._sync()
+        self._storage.zero_grad(set_to_none)
 
     @torch.no_grad()
     def step(
@@ -658,7 +351,7 @@ class SLBI(ToolboxMixin, Optimizer):
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
             record: append per-layer statistics of this step to the record file under
-                ``path`` (the paper's recording feature); costs nothing when ``False``.
+                ``path`` (the paper's recording feature; eager steps only).
             path: folder of the record file (required with ``record=True``).
             layers: names of the layers to record (default: all).
         """
@@ -669,67 +362,74 @@ class SLBI(ToolboxMixin, Optimizer):
         # Set by GradScaler.step() for this call only (it deletes them afterwards).
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        momentum_groups = {i for i, group in enumerate(self.param_groups) if group["momentum"] != 0}
         if torch.compiler.is_compiling():
-            # Traced by Dynamo (``torch.compile``): the host-side bookkeeping (validation,
-            # re-binding replaced storage or foreign gradients) runs in eager steps only,
-            # and every parameter whose ``.grad`` is set is updated.
-            active_by_bucket = [[slot.param.grad is not None for slot in b.slots] for b in self._buckets]
-        else:
-            # Every check first, then the changes.
             if record:
-                self._check_record_args(path, layers)
-            self._validate_groups()
-            intact = self._bindings_intact()
-            if not intact:
-                self._check_gradients()
-            self._apply_group_changes()
-            if not intact:
-                self._sync_storage()
-            active_by_bucket = self._active_slots(intact)
-            if found_inf is not None and any(
-                on and slot.group_index in momentum_groups and not slot.momentum_ready
-                for bucket, active in zip(self._buckets, active_by_bucket, strict=True)
-                for slot, on in zip(bucket.slots, active, strict=True)
-            ):
+                raise RuntimeError("step(record=True) inside torch.compile'd code: record in an eager step")
+            active = self._storage.active()
+        else:
+            slots_to_record = self._toolbox.record_slots(path, layers) if record else None
+            active = self._prepare_eager_step()
+            if found_inf is not None and self._first_momentum_step(active):
                 # A first step keeps no trace on the device of being skipped (v is
                 # overwritten by u, not blended): decide here, once per parameter.
                 if found_inf.item() != 0:
-                    active_by_bucket = [[False] * len(bucket.slots) for bucket in self._buckets]
+                    return loss
                 found_inf = None
+        self._run_kernels(active, grad_scale, found_inf)
+        self._storage.stepped(active, self.param_groups, self.state)
+        if record:
+            self._toolbox.record(path, slots_to_record)
+        return loss
+
+    def _prepare_eager_step(self) -> list[list[bool]]:
+        """Every check first, then the changes: validated hyper-parameters, a re-laid
+        layout after a penalty change, re-bound parameters; the active slots."""
+        self._validate_groups()
+        intact = self._storage.intact()
+        if not intact:
+            self._storage.check()
+        self._apply_group_changes()
+        if not intact:
+            self._sync()
+        return self._storage.active()
+
+    def _sync(self) -> None:
+        self._storage.sync(self.param_groups, self.state, self._choose_kernel, self._pruner.rekey)
+
+    def _first_momentum_step(self, active: list[list[bool]]) -> bool:
+        return any(
+            on and self.param_groups[slot.group_index]["momentum"] != 0 and not slot.momentum_ready
+            for bucket, flags in zip(self._storage.buckets, active, strict=True)
+            for slot, on in zip(bucket.slots, flags, strict=True)
+        )
+
+    def _run_kernels(self, active: list[list[bool]], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """One kernel call per bucket (an idle one only counts the step), then the frozen
+        entries are zeroed again."""
+        momentum = any(group["momentum"] != 0 for group in self.param_groups)
         amp_inputs: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
-        for bucket, active in zip(self._buckets, active_by_bucket, strict=True):
-            if not any(active):
-                continue
-            if momentum_groups:
+        for bucket, flags in zip(self._storage.buckets, active, strict=True):
+            if momentum:
                 bucket.ensure_momentum()
             if bucket.device not in amp_inputs:
                 amp_inputs[bucket.device] = _amp_inputs(grad_scale, found_inf, bucket.device)
-            inv_scale, bucket_found_inf = amp_inputs[bucket.device]
-            if bucket.backend == "triton":
-                self._step_bucket_triton(bucket, active, inv_scale, bucket_found_inf)
-            else:
-                self._step_bucket_torch(bucket, active, inv_scale, bucket_found_inf)
-            for slot, on in zip(bucket.slots, active, strict=True):
-                if on and slot.group_index in momentum_groups:
-                    slot.momentum_ready = True
-                    self.state[slot.param]["momentum_buffer"] = slot.momentum_view
-        self._after_step(record=record, path=path, layers=layers)
-        return loss
+            bucket.kernel(bucket, flags, self.param_groups, self._tables, *amp_inputs[bucket.device])
+            bucket.apply_frozen()
 
     def _validate_groups(self) -> None:
         """Validate hyper-parameters and penalties edited in ``param_groups``; a group
         whose values are plain numbers that were valid last step is not checked again."""
+        keys = (*HYPERPARAMETERS, "penalty")
         for group_index, group in enumerate(self.param_groups):
             # With the types: False == 0 and 1 == True, but a bool is not a valid value.
-            values = tuple((type(group[key]), group[key]) for key in _VALIDATED_KEYS)
+            values = tuple((type(group[key]), group[key]) for key in keys)
             values += (id(group["params"]), len(group["params"]))
-            plain = not any(isinstance(group[key], Tensor) for key in _VALIDATED_KEYS)
+            plain = not any(isinstance(group[key], Tensor) for key in keys)
             if plain and self._valid_groups.get(group_index) == values:
                 continue
             where = f"param group {group_index}"
-            _validate_hyperparameters(group, where, read_device=False)
-            _check_group_penalty(group["penalty"], group["params"], where)
+            check_hyperparameters(group, where, read_device=False)
+            check_group_penalty(group["penalty"], group["params"], where)
             if plain:
                 self._valid_groups[group_index] = values
 
@@ -738,131 +438,23 @@ class SLBI(ToolboxMixin, Optimizer):
         penalties = tuple(group["penalty"] for group in self.param_groups)
         if penalties == self._checked_penalties:
             return
-        for slot in self._slots:
-            group = self.param_groups[slot.group_index]
-            if resolve_penalty(group["penalty"], slot.param) != slot.penalty:
-                self._rebuild_layout()
-                break
+        if any(
+            resolve_penalty(self.param_groups[slot.group_index]["penalty"], slot.param) != slot.penalty
+            for slot in self._storage.slots
+        ):
+            self._relayout()
         self._checked_penalties = penalties
-
-    def _step_bucket_torch(
-        self, bucket: FlatBucket, active: list[bool], inv_scale: Tensor | None, found_inf: Tensor | None
-    ) -> None:
-        if bucket.cpu_kernel:
-            # One pass of the C kernel over the whole bucket, group norms included.
-            args = (*self._kernel_inputs(bucket, active, "cpu"), inv_scale, found_inf)
-            if torch.compiler.is_compiling():
-                torch.ops.slbi_triton.cpu_bucket_step(*args)  # one opaque op in the graph
-            else:
-                cpu_step.bucket_step(*args, check=False)  # the bucket built these buffers
-            return
-        fused = self.fused if self.fused is not None else bucket.device.type == "cpu"
-        fused = fused and not torch.compiler.is_compiling()  # an outer compile fuses it already
-        for run in bucket.runs(active):
-            group = self.param_groups[run.group_index]
-            has_momentum = group["momentum"] != 0
-            span = slice(run.start, run.end)
-            rows = (-1, run.group_size) if run.penalty == "group" else (-1,)
-            norms = bucket.group_norms[run.norm_start : run.norm_end] if run.penalty == "group" else None
-            z = bucket.z[span].view(rows) if run.penalty != "none" else None
-            args = (
-                bucket.params[span].view(rows),
-                bucket.grads[span].view(rows),
-                z,
-                bucket.momentum[span].view(rows) if has_momentum else None,
-                norms,
-            )
-            kwargs = {key: group[key] for key in _HPARAM_KEYS.values()}
-            kwargs.update(penalty=run.penalty, momentum_ready=run.momentum_ready)
-            kwargs.update(inv_scale=inv_scale, found_inf=found_inf)
-            # Compile the steady state only: a first step (momentum not ready) runs once.
-            if fused and not self._fused_failed and (run.momentum_ready or not has_momentum):
-                try:
-                    _fused_torch_update()(*args, **kwargs)
-                except Exception as error:  # Inductor unavailable (no C++ compiler, ...)
-                    logger.warning("SLBI: compiling the fused CPU update failed (%s); staying eager", error)
-                    self._fused_failed = True
-                    functional.slbi_update_(*args, **kwargs)
-            else:
-                functional.slbi_update_(*args, **kwargs)
-            if norms is not None:
-                functional.refresh_group_norms_(z, norms, found_inf)
-
-    def _step_bucket_triton(
-        self, bucket: FlatBucket, active: list[bool], inv_scale: Tensor | None, found_inf: Tensor | None
-    ) -> None:
-        _triton_step()(*self._kernel_inputs(bucket, active, "triton"), inv_scale, found_inf)
-
-    def _kernel_inputs(self, bucket: FlatBucket, active: list[bool], kernel: str) -> tuple[Any, ...]:
-        """The buffers and tables a fused ``kernel`` (``"triton"`` or ``"cpu"``) takes for
-        ``bucket``, in its argument order (GradScaler's inputs follow them)."""
-        momentum = bucket.momentum
-        if momentum is None and kernel == "triton":
-            momentum = bucket.params[:1]  # a placeholder the kernel never touches (no ρ anywhere)
-        return (
-            bucket.params,
-            bucket.grads,
-            bucket.z,
-            momentum,
-            bucket.group_norms,
-            bucket.chunks(kernel),
-            bucket.slot_flags(active),
-            self._hparam_table(bucket.device, torch.float32 if kernel == "triton" else torch.float64),
-        )
-
-    def _hparam_table(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """The (num_groups, HPARAM_FIELDS) table on ``device``: float32 for the Triton
-        kernel, float64 for the CPU kernel (which forms its coefficients in double).
-
-        With plain floats it is uploaded again only when a value changed. A traced
-        step, or any hyper-parameter given as a tensor (e.g. ``lr=torch.tensor(0.1)``,
-        which LR schedulers update in place), builds it with device ops instead: no
-        ``.item()``, no host sync, no recompile, and it can be captured in a CUDA graph.
-        """
-        tensor_valued = any(
-            isinstance(group[key], Tensor) for group in self.param_groups for key in _HPARAM_KEYS.values()
-        )
-        if tensor_valued or torch.compiler.is_compiling():
-            zero = torch.zeros((), dtype=dtype, device=device)
-            rows = []
-            for group in self.param_groups:
-                row = [zero] * cf.HPARAM_FIELDS
-                for column, key in _HPARAM_KEYS.items():
-                    value = group[key]
-                    if isinstance(value, Tensor):
-                        row[column] = value.to(device=device, dtype=dtype).reshape(())
-                    else:
-                        # Traced, ``zero + value`` keeps a float an input of the graph
-                        # (torch.as_tensor(value) would bake it in: a recompile per lr).
-                        row[column] = zero + value
-                use_momentum = group["momentum"] != 0
-                row[cf.HP_USE_MOMENTUM] = torch.as_tensor(use_momentum, dtype=dtype, device=device)
-                rows.append(torch.stack(row))
-            return torch.stack(rows)
-        values = []
-        for group in self.param_groups:
-            row = [0.0] * cf.HPARAM_FIELDS
-            for column, key in _HPARAM_KEYS.items():
-                row[column] = _as_float(key, group[key])
-            row[cf.HP_USE_MOMENTUM] = float(row[cf.HP_MOMENTUM] != 0.0)
-            values.extend(row)
-        key = tuple(values)
-        cached = self._hparam_tables.get((device, dtype))
-        if cached is None or cached[0] != key:
-            table = torch.tensor(values, dtype=dtype).view(-1, cf.HPARAM_FIELDS).to(device)
-            self._hparam_tables[(device, dtype)] = (key, table)
-        return self._hparam_tables[(device, dtype)][1]
 
     # -- state dict -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state in torch's layout, ready for ``torch.save``.
 
-        ``"state"`` maps each parameter's index to its ``"momentum_buffer"``, ``"z"``,
-        ``"group_norms"`` (float32 ‖Z_g‖ per output filter, as the last step computed
-        them) and the toolbox's ``"entry_epoch"`` / ``"order_magnitude"``;
-        ``"param_groups"`` holds the hyper-parameters; ``"slbi"`` the toolbox's path
-        history, frozen masks, step count and epoch.
+        ``"state"`` maps each parameter's index to its ``"momentum_buffer"``, ``"z"``
+        (in the state dtype), ``"group_norms"`` (‖Z_g‖ per output filter, as the last
+        step computed them) and the toolbox's ``"entry_epoch"`` / ``"order_magnitude"``;
+        ``"param_groups"`` holds the hyper-parameters; ``"slbi"`` the step count, the
+        seed, the epoch, the toolbox's path history and the frozen masks.
 
         Like ``torch.optim.SGD.state_dict()``, the tensors are the live state, not copies:
         here views into the flat buffers, so the dict follows later steps (copy it, e.g.
@@ -870,7 +462,13 @@ class SLBI(ToolboxMixin, Optimizer):
         flat buffer once, whole, for all the views into it.
         """
         state_dict = super().state_dict()
-        state_dict["slbi"] = self._toolbox_state_dict()
+        state_dict["slbi"] = {
+            "steps": self._storage.steps_done(),
+            "rng_seed": self._storage.seed,
+            "current_epoch": self.current_epoch,
+            **self._toolbox.state_dict(),
+            **self._pruner.state_dict(),
+        }
         return state_dict
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -887,14 +485,48 @@ class SLBI(ToolboxMixin, Optimizer):
         """
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
             raise TypeError("state_dict must be a mapping with 'state' and 'param_groups' (opt.state_dict())")
-        saved_groups = list(state_dict["param_groups"])
+        merged_groups, targets = self._merge_loaded_groups(list(state_dict["param_groups"]))
+        state: dict[Any, Any] = {}
+        exact: dict[Tensor, dict[str, Tensor]] = {}
+        for key, entry in state_dict["state"].items():
+            if key not in targets:
+                state[key] = entry
+                continue
+            param, penalty = targets[key]
+            entry = {k: v for k, v in entry.items() if v is not None}  # SGD may store None
+            check_loaded_state(entry, param, _state_shapes(param, penalty), f"state of parameter {key}")
+            # Kept as saved (torch would cast them to the parameter's dtype): binding
+            # copies them into the buffers, and exact dtypes keep a resume bit-exact.
+            exact[param] = {k: entry.pop(k) for k in (*_EXACT_STATE_KEYS, *ORDER_STATE_KEYS) if k in entry}
+            state[key] = entry
+        params_by_key = {key: param for key, (param, _) in targets.items()}
+        extras = state_dict.get("slbi") or {}
+        if not isinstance(extras, Mapping):
+            raise TypeError(f"state_dict['slbi'] must be a dict, got {type(extras).__name__}")
+        Pruner.check_state(extras, params_by_key)
+        Toolbox.check_state(extras)
+        super().load_state_dict({**state_dict, "state": state, "param_groups": merged_groups})
+        for param, values in exact.items():
+            for key, value in values.items():
+                value = value.to(param.device)
+                self.state[param][key] = as_epochs(value) if key == "entry_epoch" else value
+        self._storage.seed = int(extras.get("rng_seed", self._storage.seed)) & 0xFFFFFFFF
+        self.current_epoch = extras.get("current_epoch")
+        self._relayout(steps=int(extras.get("steps", 0)))
+        self._toolbox.load_state(extras)
+        self._pruner.load_state(extras, params_by_key)
+
+    def _merge_loaded_groups(
+        self, saved_groups: list[Mapping[str, Any]]
+    ) -> tuple[list[dict[str, Any]], dict[Any, tuple[Tensor, str]]]:
+        """The loaded param groups merged into ours (validated), and for each saved
+        parameter index its parameter and penalty."""
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"the state dict has {len(saved_groups)} param groups, this optimizer has "
-                f"{len(self.param_groups)}"
+                f"the state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
             )
         merged_groups = []
-        targets: dict[Any, tuple[Tensor, str]] = {}  # saved index -> (parameter, penalty)
+        targets: dict[Any, tuple[Tensor, str]] = {}
         for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             where = f"loaded param group {index}"
             for flag in ("nesterov", "maximize"):
@@ -908,118 +540,53 @@ class SLBI(ToolboxMixin, Optimizer):
             # Saved values win (as in torch); SLBI's own keys missing from an SGD dict stay.
             merged = {k: v for k, v in current.items() if k not in ("params", "param_names")}
             merged.update({k: v for k, v in saved.items() if k not in _SGD_ONLY_KEYS})
-            _validate_hyperparameters(merged, where)
-            _check_group_penalty(merged["penalty"], current["params"], where)
+            check_hyperparameters(merged, where)
+            check_group_penalty(merged["penalty"], current["params"], where)
             merged_groups.append(merged)
             for key, param in zip(saved["params"], current["params"], strict=True):
                 targets[key] = (param, resolve_penalty(merged["penalty"], param))
-        state: dict[Any, Any] = {}
-        exact: dict[Tensor, dict[str, Tensor]] = {}
-        for key, entry in state_dict["state"].items():
-            if key not in targets:
-                state[key] = entry
-                continue
-            param, penalty = targets[key]
-            entry = {k: v for k, v in entry.items() if v is not None}  # SGD may store None
-            _check_loaded_state(entry, param, penalty, f"state of parameter {key}")
-            exact[param] = {k: entry.pop(k) for k in _EXACT_STATE_KEYS if k in entry}
-            if "z" in entry and entry["z"].dtype != param.dtype:
-                exact[param].pop("group_norms", None)  # Z gets rounded: recompute its norms
-            state[key] = entry
-        params_by_key = {key: param for key, (param, _) in targets.items()}
-        extras = state_dict.get("slbi")
-        self._check_toolbox_state(extras, params_by_key)
-        super().load_state_dict({**state_dict, "state": state, "param_groups": merged_groups})
-        for param, values in exact.items():
-            for key, value in values.items():
-                value = value.to(param.device)
-                self.state[param][key] = _as_epochs(value) if key == "entry_epoch" else value
-        self._rebuild_layout()
-        self._load_toolbox_state(extras, params_by_key)
+        return merged_groups, targets
+
+    # -- the toolbox, by layer name (slbi_triton.toolbox, slbi_triton.pruning) ---------
+
+    names = property(lambda self: self._toolbox.names, doc="The parameter names, in parameter order.")
+    gamma = _toolbox_method("_toolbox", Toolbox.gamma)
+    w_star = _toolbox_method("_toolbox", Toolbox.w_star)
+    residue = _toolbox_method("_toolbox", Toolbox.residue)
+    sparsity = _toolbox_method("_toolbox", Toolbox.sparsity)
+    masks = _toolbox_method("_toolbox", Toolbox.masks)
+    update_order = _toolbox_method("_toolbox", Toolbox.update_order)
+    order_score = _toolbox_method("_toolbox", Toolbox.order_score)
+    path_history = _toolbox_method("_toolbox", Toolbox.path_history)
+    prune_layer = _toolbox_method("_pruner", Pruner.prune_layer)
+    use_w_star = _toolbox_method("_pruner", Pruner.use_w_star)
+    recover = _toolbox_method("_pruner", Pruner.recover)
+    unfreeze = _toolbox_method("_pruner", Pruner.unfreeze)
+
+
+# Loaded state kept in its saved dtype (see load_state_dict).
+_EXACT_STATE_KEYS = ("z", "momentum_buffer", "group_norms")
+
+
+def _state_shapes(param: Tensor, penalty: str) -> dict[str, tuple[int, ...]]:
+    """The shape of each state tensor of ``param`` under ``penalty``."""
+    shapes = {"z": tuple(param.shape), "momentum_buffer": tuple(param.shape)}
+    if penalty == "group":
+        shapes["group_norms"] = (param.shape[0],)
+    if penalty != "none":
+        shapes.update(dict.fromkeys(ORDER_STATE_KEYS, order_shape(param, penalty)))
+    return shapes
 
 
 @dataclass
 class _StepCalls:
-    """Flags that a compiled step sets (Dynamo replays writes to this plain object,
-    not to attributes of the optimizer itself)."""
+    """The LR scheduler's "step was called" flag. A compiled step sets it on this plain
+    object, whose writes Dynamo replays without guarding on them."""
 
     opt_called: bool = False
-    steps_done: int = 0
 
-
-def _scheduler_tracked_step(optimizer: SLBI) -> Callable[..., Any]:
-    """``opt.step`` that records the call for LR schedulers, traceable by Dynamo."""
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        optimizer._step_calls.opt_called = True
-        return type(optimizer).step(optimizer, *args, **kwargs)
-
-    step._wrapped_by_lr_sched = True
-    return step
-
-
-class _GradSeenHook:
-    """Post-accumulate-grad hook: the parameter received a gradient."""
-
-    def __init__(self, slot: Slot) -> None:
-        self.slot = slot
-
-    def __call__(self, param: Tensor) -> None:
-        self.slot.grad_seen = True
-
-
-# Every live SLBI, for the module parameter-registration hook below.
-_WATCHED: weakref.WeakSet[SLBI] = weakref.WeakSet()
-
-
-def _on_parameter_registration(module: torch.nn.Module, name: str, param: Tensor) -> None:
-    """Global ``register_parameter`` hook: tell each SLBI when a module attribute that
-    holds one of its parameters is given another Parameter (``load_state_dict(...,
-    assign=True)`` without swap, ``module.weight = nn.Parameter(...)``), which the
-    optimizer could not see otherwise: the old Parameter would silently stop training."""
-    old = module._parameters.get(name)
-    if old is not None and old is not param:
-        for optimizer in list(_WATCHED):
-            optimizer._note_replacement(module, name, old)
-
-
-@functools.cache
-def _install_registration_hook() -> None:
-    torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter_registration)
-
-
-def _watch_parameter_replacement(optimizer: SLBI) -> None:
-    _install_registration_hook()
-    _WATCHED.add(optimizer)
-
-
-def _check_parameter_tensor(param: Tensor, label: str) -> None:
-    if param.is_complex():
-        raise TypeError(f"{label} is complex ({param.dtype}); SLBI supports real parameters only")
-    if not param.is_floating_point():
-        raise TypeError(f"{label} has dtype {param.dtype}; SLBI needs floating-point parameters")
-    if param.is_sparse or param.layout != torch.strided:
-        raise TypeError(f"{label} has layout {param.layout}; SLBI needs dense (strided) parameters")
-
-
-def _check_loaded_state(entry: dict[str, Any], param: Tensor, penalty: str, where: str) -> None:
-    """Shapes and types of one parameter's loaded state, against the parameter."""
-    expected: dict[str, tuple[int, ...]] = {"z": tuple(param.shape), "momentum_buffer": tuple(param.shape)}
-    if penalty == "group":
-        expected["group_norms"] = (param.shape[0],)
-    if penalty != "none":
-        expected["entry_epoch"] = expected["order_magnitude"] = order_shape(param, penalty)
-    for key, shape in expected.items():
-        value = entry.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
-        if tuple(value.shape) != shape:
-            raise ValueError(
-                f"{where}: {key!r} has shape {tuple(value.shape)}, expected {shape} for a parameter of "
-                f"shape {tuple(param.shape)} with penalty {penalty!r}"
-            )
+    def mark_called(self) -> None:
+        self.opt_called = True
 
 
 def _amp_inputs(
@@ -1035,16 +602,3 @@ def _amp_inputs(
     if found_inf is not None:
         found_inf = found_inf.to(device=device, dtype=torch.float32)
     return inv_scale, found_inf
-
-
-def _is_view_of(grad: Tensor, view: Tensor) -> bool:
-    if grad.layout != torch.strided:
-        return False
-    return grad.data_ptr() == view.data_ptr() and grad.stride() == view.stride()
-
-
-def _lives_in(tensor: Tensor, flat: Tensor) -> bool:
-    """Whether ``tensor`` shares ``flat``'s storage."""
-    if tensor.device != flat.device:
-        return False
-    return tensor.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()

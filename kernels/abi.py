@@ -1,0 +1,204 @@
+"""The kernel ABI: the tables every fused SLBI kernel reads, and the one place they are built.
+
+``docs/design.md`` ("The kernel ABI") states the contract in words; this module is its
+executable form. The Triton kernel, the C kernel (which gets the column numbers as ``-D``
+defines) and the torch reference all read tables built here:
+
+- the **chunk table** (int32, int64 once an offset reaches 2**31): one row per chunk of
+  work, a chunk being up to ``rows_per_chunk`` rows of one parameter; a row is one filter
+  ``Z_g`` for the group penalty (so a chunk owns whole groups and reduces ``‖Z_g‖``
+  without atomics) and ``row_len`` consecutive elements otherwise;
+- the **flag word** per parameter (int32): whether it takes part in this step and whether
+  its momentum buffer holds ``v_t``;
+- the **hyper-parameter table** (float64, one row per param group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+# Columns of the chunk table.
+CHUNK_START = 0  # flat offset of the chunk's first element
+CHUNK_ROWS = 1  # number of rows in the chunk (<= rows_per_chunk)
+CHUNK_ROW_LEN = 2  # elements per row: the group size, or the geometry's row length
+CHUNK_END = 3  # flat offset one past the parameter's last element
+CHUNK_SLOT = 4  # index of the parameter in its bucket (its flag word)
+CHUNK_HPARAM_ROW = 5  # row of the hyper-parameter table (the param group)
+CHUNK_PENALTY = 6  # one of PENALTY_CODES
+CHUNK_NORM_OFFSET = 7  # index of the chunk's first group norm (group penalty), else 0
+CHUNK_FIELDS = 8
+
+# Columns of the float64 hyper-parameter table, one row per param group.
+HP_LR = 0
+HP_KAPPA = 1
+HP_MU = 2
+HP_LAM = 3
+HP_MOMENTUM = 4
+HP_DAMPENING = 5
+HP_WEIGHT_DECAY = 6
+# 1.0 when the group keeps a momentum buffer (momentum != 0 as a Python number).
+HP_USE_MOMENTUM = 7
+HPARAM_FIELDS = 8
+
+HPARAM_KEYS = {
+    HP_LR: "lr",
+    HP_KAPPA: "kappa",
+    HP_MU: "mu",
+    HP_LAM: "lam",
+    HP_MOMENTUM: "momentum",
+    HP_DAMPENING: "dampening",
+    HP_WEIGHT_DECAY: "weight_decay",
+}
+"""Hyper-parameter table column -> param group key."""
+
+# Bits of the per-parameter int32 flag word.
+FLAG_ACTIVE = 1  # the parameter takes part in this step (it has a gradient)
+FLAG_MOMENTUM_READY = 2  # its momentum buffer holds v_t (else v_{t+1} = u)
+
+PENALTY_CODES = {"none": 0, "l1": 1, "group": 2}
+
+# The step counter and seed of stochastic rounding: an int64 tensor [seed, step].
+RNG_SEED = 0
+RNG_STEP = 1
+RNG_FIELDS = 2
+
+SLOT_ALIGNMENT = 16
+"""Every parameter starts at a multiple of this many elements of its flat buffers (64
+bytes in float32): the kernels may then use aligned vector accesses. The elements between
+two parameters are padding, zero in every buffer, and the update keeps them zero."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a kernel cuts a bucket into chunks.
+
+    Attributes:
+        rows_per_chunk: rows per chunk (one Triton program, or one unit of OpenMP work).
+        row_len: elements per row of an l1/"none" parameter (a multiple of ``col_multiple``).
+        col_multiple: a short l1/"none" parameter gets rows of a multiple of this length.
+    """
+
+    rows_per_chunk: int
+    row_len: int
+    col_multiple: int
+
+
+TRITON_GEOMETRY = Geometry(rows_per_chunk=8, row_len=8192, col_multiple=256)
+"""One program covers 8 filters, or 64K elements of an l1/"none" parameter."""
+CPU_GEOMETRY = Geometry(rows_per_chunk=32, row_len=2048, col_multiple=256)
+"""One unit of OpenMP work: 32 filters, or 64K elements of an l1/"none" parameter."""
+
+
+class SlotSpan(Protocol):
+    """Where one parameter lies in its bucket (``buckets.Slot`` is one)."""
+
+    offset: int
+    norm_offset: int
+    group_index: int
+    penalty: str
+
+    @property
+    def numel(self) -> int: ...
+
+    @property
+    def num_groups(self) -> int: ...
+
+    @property
+    def group_size(self) -> int: ...
+
+
+def index_dtype(numel: int, num_norms: int) -> torch.dtype:
+    """The chunk table's dtype: int32 while every offset fits, else int64."""
+    return torch.int32 if max(numel, num_norms) < 2**31 else torch.int64
+
+
+def chunk_table(spans: Sequence[SlotSpan], geometry: Geometry, numel: int, num_norms: int) -> Tensor:
+    """The chunk table of a bucket (on the CPU; the caller moves it once to the device).
+
+    Args:
+        spans: the bucket's parameters, in bucket order (a chunk's ``CHUNK_SLOT`` is the
+            position here).
+        geometry: how the kernel that reads the table cuts its work.
+        numel, num_norms: the bucket's flat length and number of group norms.
+    """
+    rows: list[list[int]] = []
+    for slot_index, span in enumerate(spans):
+        end = span.offset + span.numel
+        if span.penalty == "group":
+            row_len, total_rows = span.group_size, span.num_groups
+        else:
+            # Rows of ``row_len`` elements; a parameter smaller than one chunk gets shorter
+            # rows (whole ``col_multiple`` tiles), so its chunk has no masked-out iterations.
+            per_row = -(-span.numel // geometry.rows_per_chunk)
+            tiles = max(1, -(-per_row // geometry.col_multiple))
+            row_len = min(geometry.row_len, tiles * geometry.col_multiple)
+            total_rows = -(-span.numel // row_len)  # 0 for an empty parameter: no chunk
+        for first_row in range(0, total_rows, geometry.rows_per_chunk):
+            rows.append(
+                [
+                    span.offset + first_row * row_len,
+                    min(geometry.rows_per_chunk, total_rows - first_row),
+                    row_len,
+                    end,
+                    slot_index,
+                    span.group_index,
+                    PENALTY_CODES[span.penalty],
+                    span.norm_offset + first_row if span.penalty == "group" else 0,
+                ]
+            )
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, CHUNK_FIELDS)
+    return table.to(index_dtype(numel, num_norms))
+
+
+def flag_words(active: Iterable[bool], momentum_ready: Iterable[bool]) -> tuple[int, ...]:
+    """The flag word of each parameter."""
+    return tuple(
+        (FLAG_ACTIVE if on else 0) | (FLAG_MOMENTUM_READY if ready else 0)
+        for on, ready in zip(active, momentum_ready, strict=True)
+    )
+
+
+def hparam_values(groups: Sequence[Mapping[str, Any]]) -> list[list[float]] | None:
+    """The table's rows as floats, or ``None`` when a value is a tensor (then the table is
+    built with device ops: :func:`hparam_table_traced`)."""
+    rows = []
+    for group in groups:
+        row = [0.0] * HPARAM_FIELDS
+        for column, key in HPARAM_KEYS.items():
+            value = group[key]
+            if isinstance(value, Tensor):
+                return None
+            row[column] = float(value)
+        row[HP_USE_MOMENTUM] = float(row[HP_MOMENTUM] != 0.0)
+        rows.append(row)
+    return rows
+
+
+def hparam_table_traced(groups: Sequence[Mapping[str, Any]], device: torch.device) -> Tensor:
+    """The hyper-parameter table built with device ops: no ``.item()`` and no host sync,
+    so tensor values (which LR schedulers update in place) are read on the device, and in
+    a traced step a float stays an input of the graph instead of a baked-in constant."""
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    rows = []
+    for group in groups:
+        row = [zero] * HPARAM_FIELDS
+        for column, key in HPARAM_KEYS.items():
+            value = group[key]
+            if isinstance(value, Tensor):
+                row[column] = value.to(device=device, dtype=torch.float64).reshape(())
+            else:
+                row[column] = zero + value  # torch.as_tensor(value) would bake it in
+        row[HP_USE_MOMENTUM] = zero + float(group["momentum"] != 0)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a bucket's group norms, and of its arithmetic: float64 for float64
+    parameters, float32 for every other dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

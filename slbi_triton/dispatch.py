@@ -1,0 +1,180 @@
+"""Which kernel runs a bucket, and how it is called: the optimizer's four paths side by side.
+
+Each bucket gets one kernel when the buffers are laid out, never per step:
+
+- ``"triton"``: the op ``slbi_triton::bucket_step`` on CUDA (the Triton kernel), or the
+  same kernel under the Triton interpreter on the CPU (``TRITON_INTERPRET=1``, tests);
+- ``"c"``: the same op on the CPU (the C kernel), for float32 buckets (with float32 or
+  bfloat16 state) and float64 buckets;
+- ``"inductor"``: :func:`functional.slbi_update_` compiled by Inductor, one fused loop per
+  run of parameters (the CPU path for bfloat16/float16 buckets, or without a C compiler);
+- ``"eager"``: the same function in plain torch ops (``fused=False``, and ``backend="torch"``
+  on CUDA unless ``fused=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional
+from .buckets import FlatBucket
+from .kernels import abi, cpu_step, ops
+
+logger = logging.getLogger(__name__)
+
+KERNELS = ("triton", "c", "inductor", "eager")
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """One row of ``SLBI.kernels()``: which kernel updates which parameters.
+
+    Attributes:
+        kernel: ``"triton"``, ``"c"``, ``"inductor"`` or ``"eager"``.
+        device, dtype: the bucket's device and parameter dtype.
+        state_dtype: the dtype Z and the momentum buffer are stored in.
+        params: the parameters' names (their index where unnamed), in parameter order.
+    """
+
+    kernel: str
+    device: torch.device
+    dtype: torch.dtype
+    state_dtype: torch.dtype
+    params: tuple[str | int, ...]
+
+
+class HparamTables:
+    """The ABI's hyper-parameter table per device: uploaded again only when a plain value
+    changed; built with device ops when a value is a tensor or the step is traced."""
+
+    def __init__(self) -> None:
+        self._cache: dict[torch.device, tuple[tuple[float, ...], Tensor]] = {}
+
+    def get(self, groups: Sequence[Mapping[str, Any]], device: torch.device) -> Tensor:
+        rows = None if torch.compiler.is_compiling() else abi.hparam_values(groups)
+        if rows is None:
+            return abi.hparam_table_traced(groups, device)
+        key = tuple(value for row in rows for value in row)
+        cached = self._cache.get(device)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.tensor(rows, dtype=torch.float64).to(device))
+            self._cache[device] = cached
+        return cached[1]
+
+
+class FusedKernel:
+    """The op ``slbi_triton::bucket_step``: one call per bucket, group norms included."""
+
+    def __init__(self, bucket: FlatBucket, name: str) -> None:
+        self.name = name
+        geometry = abi.TRITON_GEOMETRY if name == "triton" else abi.CPU_GEOMETRY
+        self.chunks = bucket.chunk_table(geometry)  # built once here, never in a traced step
+        self.stochastic_rounding = bucket.stochastic_rounding
+        self.interpret_triton = name == "triton" and bucket.device.type == "cpu"
+
+    def __call__(
+        self, bucket: FlatBucket, active: list[bool], groups: Sequence[Mapping[str, Any]],
+        tables: HparamTables, inv_scale: Tensor | None, found_inf: Tensor | None,
+    ) -> None:
+        ops.bucket_step(
+            bucket.params, bucket.grads, bucket.z, bucket.momentum, bucket.group_norms, self.chunks,
+            bucket.slot_flags(active), tables.get(groups, bucket.device), bucket.rng,
+            inv_scale, found_inf, self.stochastic_rounding, self.interpret_triton,
+        )
+
+
+@functools.cache
+def _compiled_update() -> Callable[..., None]:
+    """``functional.slbi_update_`` compiled by Inductor with dynamic shapes: one fused
+    loop per run, no temporaries; compiled once per (penalty, momentum, dtype)."""
+    return torch.compile(functional.slbi_update_, dynamic=True)
+
+
+class TorchKernel:
+    """:func:`functional.slbi_update_` per run of the bucket: eager, or Inductor-compiled
+    (``name="inductor"``; a failed compile logs a warning and stays eager)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(
+        self, bucket: FlatBucket, active: list[bool], groups: Sequence[Mapping[str, Any]],
+        tables: HparamTables, inv_scale: Tensor | None, found_inf: Tensor | None,
+    ) -> None:
+        traced = torch.compiler.is_compiling()  # an outer compile fuses the update already
+        for run in bucket.runs(active):
+            group = groups[run.group_index]
+            kwargs = self._arguments(bucket, run, group, inv_scale, found_inf)
+            # Compile the steady state only: a first step (momentum not ready) runs once.
+            steady = run.momentum_ready or group["momentum"] == 0
+            if self.name == "inductor" and steady and not traced:
+                try:
+                    _compiled_update()(**kwargs)
+                except Exception as error:  # Inductor unavailable (no C++ compiler, ...)
+                    logger.warning("SLBI: compiling the fused update failed (%s); staying eager", error)
+                    self.name = "eager"
+                    functional.slbi_update_(**kwargs)
+            else:
+                functional.slbi_update_(**kwargs)
+            if run.penalty == "group":
+                functional.refresh_group_norms_(kwargs["z"], kwargs["group_norms"], found_inf)
+        functional.count_step_(bucket.rng, found_inf)
+
+    def _arguments(
+        self, bucket: FlatBucket, run: Any, group: Mapping[str, Any], inv_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> dict[str, Any]:
+        span = slice(run.start, run.end)
+        rows = (-1, run.group_size) if run.penalty == "group" else (-1,)
+        has_momentum = group["momentum"] != 0 and bucket.momentum is not None
+        kwargs = {key: group[key] for key in abi.HPARAM_KEYS.values()}
+        kwargs.update(
+            w=bucket.params[span].view(rows),
+            g=bucket.grads[span].view(rows),
+            z=bucket.z[span].view(rows) if run.penalty != "none" else None,
+            v=bucket.momentum[span].view(rows) if has_momentum else None,
+            group_norms=bucket.group_norms[run.norm_start : run.norm_end] if run.penalty == "group" else None,
+            penalty=run.penalty,
+            momentum_ready=run.momentum_ready,
+            inv_scale=inv_scale,
+            found_inf=found_inf,
+            rounding_rng=bucket.rng if bucket.stochastic_rounding else None,
+            first_index=run.start,
+        )
+        return kwargs
+
+
+BucketKernel = FusedKernel | TorchKernel
+
+
+def choose_kernel(bucket: FlatBucket, backend: str, fused: bool | None) -> BucketKernel:
+    """The kernel for ``bucket`` (see the module docstring for the rules).
+
+    Raises:
+        ValueError: ``backend="triton"`` where Triton cannot run.
+    """
+    on_cuda = bucket.device.type == "cuda"
+    triton_ok = ops.triton_launcher() is not None
+    if backend == "triton":
+        if not triton_ok:
+            raise ValueError("backend='triton' but Triton cannot be imported; use backend='torch'")
+        if not on_cuda and not ops.triton_interpreted():
+            raise ValueError(
+                f"backend='triton' needs CUDA parameters (got {bucket.device.type}); on the CPU set "
+                "TRITON_INTERPRET=1 (slow, for testing) or use backend='torch'"
+            )
+        return FusedKernel(bucket, "triton")
+    if backend == "auto" and on_cuda and triton_ok:
+        return FusedKernel(bucket, "triton")
+    on_cpu = bucket.device.type == "cpu"
+    if on_cpu and fused is not False and cpu_step.available(bucket.dtype, bucket.state_dtype):
+        return FusedKernel(bucket, "c")
+    compiled = fused if fused is not None else on_cpu
+    return TorchKernel("inductor" if compiled else "eager")

@@ -1,0 +1,275 @@
+"""Pruning by the paper's order, W*, and bit-exact recovery (FuSplit LBI §4).
+
+:class:`Pruner` zeroes entries of W, Z and momentum in place (views into the flat
+buffers), keeps one snapshot for ``recover()`` and the masks of frozen entries, which
+the flat storage holds at zero after every step (``FlatBucket.apply_frozen``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .buckets import Slot
+from .storage import FlatStorage
+from .toolbox import OptimizerView, Toolbox
+
+
+@dataclass
+class _Saved:
+    """One parameter's W, Z, momentum and group norms before a ``prune_layer``/``use_w_star``."""
+
+    param: Tensor
+    weight: Tensor
+    z: Tensor | None
+    momentum: Tensor | None
+    # ‖Z_g‖ as the step computed them: a recomputation can differ in the last bit.
+    group_norms: Tensor | None
+
+
+@dataclass
+class _Snapshot:
+    saved: list[_Saved]
+    frozen: dict[Tensor, Tensor]
+
+
+class Pruner:
+    """``prune_layer``, ``use_w_star``, ``recover`` and ``unfreeze`` for one optimizer.
+
+    Args:
+        toolbox: the optimizer's toolbox (names, Γ, order scores).
+        optimizer: the optimizer (read through its public ``state``).
+        storage: its flat storage (frozen masks, group norms).
+    """
+
+    def __init__(self, toolbox: Toolbox, optimizer: OptimizerView, storage: FlatStorage) -> None:
+        self.toolbox = toolbox
+        self.optimizer = optimizer
+        self.storage = storage
+        self.frozen: dict[Tensor, Tensor] = {}
+        self.snapshot: _Snapshot | None = None
+
+    @torch.no_grad()
+    def prune_layer(
+        self, percent: float, layer_name: str | Iterable[str], prune_bias: bool = False, freeze: bool = False
+    ) -> None:
+        """Zero the ``percent``% of weights (l1) or filters (group) with the lowest order
+        score (:meth:`order_score`), in each layer named.
+
+        A layer with ``n`` weights or filters loses ``floor(percent·n/100)`` of them
+        (computed exactly, so 100 removes all and 37 of 100 removes 37); equal scores go
+        in index order. The pruned entries' W, Z and momentum are zeroed so that the next
+        steps stay consistent. :meth:`recover` undoes the last call.
+
+        Args:
+            percent: share to prune, in ``[0, 100]``.
+            layer_name: a parameter name or a list of names (penalised layers).
+            prune_bias: also zero the bias entries (W and momentum) of the outputs pruned
+                entirely: a pruned filter, or a row of an l1 layer whose weights were all
+                pruned. The bias is the parameter of the same module (``conv1.weight`` →
+                ``conv1.bias``); layers without one are pruned without (default: ``False``).
+            freeze: keep the pruned entries (and bias entries) at zero in every later step,
+                the paper authors' ``step_with_freeze``, until :meth:`unfreeze` or
+                :meth:`recover` (default: ``False``).
+        """
+        percent = _check_percent(percent)
+        plans = []
+        for slot in self.toolbox.resolve_layers(layer_name, "layer_name"):
+            state = self.optimizer.state[self.toolbox.require_penalised(slot).param]
+            if "entry_epoch" not in state or "order_magnitude" not in state:
+                raise ValueError(
+                    f"layer {slot.name!r} has no prune order yet; call update_order(epoch) at the end of "
+                    "each epoch before prune_layer"
+                )
+            plans.append((slot, self._bias_of(slot) if prune_bias else None))
+        self._save([p for slot, bias in plans for p in (slot, bias) if p is not None])
+        frozen = dict(self.frozen)
+        for slot, bias in plans:
+            pruned = self._lowest(slot, percent)
+            # A group layer's mask stays (filters, 1, ...): masked_fill_ broadcasts it.
+            mask = pruned.view(-1, *([1] * (slot.param.dim() - 1))) if slot.penalty == "group" else pruned
+            self._zero_entries(slot.param, mask)
+            masked = {slot.param: mask}
+            if bias is not None:
+                # Outputs pruned entirely: the filter, or every weight of an l1 row.
+                bias_mask = pruned.reshape(slot.shape[0], -1).all(dim=1)
+                self._zero_entries(bias.param, bias_mask)
+                masked[bias.param] = bias_mask
+            if freeze:
+                for param, new in masked.items():
+                    old = frozen.get(param)
+                    frozen[param] = new if old is None else old | new.to(old.device)
+        self.set_frozen(frozen)
+        self._refresh_norms([slot for slot, _ in plans])
+
+    def _bias_of(self, slot: Slot) -> Slot | None:
+        module, _, leaf = slot.name.rpartition(".")
+        if leaf != "weight":
+            return None
+        bias_name = f"{module}.bias" if module else "bias"
+        bias = next((s for s in self.storage.slots if s.name == bias_name), None)
+        if bias is not None and tuple(bias.shape) != (slot.shape[0],):
+            raise ValueError(
+                f"prune_bias: {bias_name!r} has shape {tuple(bias.shape)}, but {slot.name!r} has "
+                f"{slot.shape[0]} outputs"
+            )
+        return bias
+
+    def _lowest(self, slot: Slot, percent: float) -> Tensor:
+        """Bool mask (the parameter's shape for l1, per filter for group) of the
+        ``floor(percent·n/100)`` lowest order scores; ties in index order."""
+        score = self.toolbox.order_score(slot.name)
+        flat = score.reshape(-1)
+        count = math.floor(Fraction(percent) * flat.numel() / 100)
+        chosen = torch.sort(flat, stable=True).indices[:count]
+        pruned = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        pruned[chosen] = True
+        return pruned.view(score.shape)
+
+    @torch.no_grad()
+    def use_w_star(self) -> None:
+        """Replace every penalised weight by W* = W ⊙ 1[Γ ≠ 0] (see :meth:`w_star`), e.g.
+        to evaluate the sparse model; :meth:`recover` gives the weights back."""
+        slots = self.toolbox.penalised_slots()
+        supports = [self.toolbox.gamma_of(slot) != 0 for slot in slots]
+        self._save(slots)
+        for slot, support in zip(slots, supports, strict=True):
+            slot.param.masked_fill_(~support, 0)
+
+    @torch.no_grad()
+    def recover(self) -> None:
+        """Restore, bit for bit, W, Z and momentum (and pruned biases, and frozen masks)
+        as they were before the last :meth:`prune_layer` or :meth:`use_w_star`, then
+        forget the saved copy."""
+        if self.snapshot is None:
+            raise ValueError("nothing to recover: call prune_layer(...) or use_w_star() first")
+        snapshot, self.snapshot = self.snapshot, None
+        stale_norms = []
+        for saved in snapshot.saved:
+            state = self.optimizer.state[saved.param]
+            slot = self.storage.slot_of(saved.param)
+            saved.param.copy_(saved.weight)
+            if saved.z is not None and "z" in state:
+                state["z"].copy_(saved.z)
+            if "group_norms" in state:
+                if saved.group_norms is not None:
+                    state["group_norms"].copy_(saved.group_norms)
+                else:  # the layer had another penalty when it was saved
+                    stale_norms.append(slot)
+            self._restore_momentum(slot, saved.momentum)
+        self.set_frozen(snapshot.frozen)
+        self._refresh_norms(stale_norms)
+
+    def _restore_momentum(self, slot: Slot, momentum: Tensor | None) -> None:
+        state = self.optimizer.state[slot.param]
+        current = state.get("momentum_buffer")
+        if momentum is None:
+            # No momentum before (no step yet): the next step starts it afresh, as it would have.
+            if current is not None:
+                del state["momentum_buffer"]
+                slot.momentum_ready = False
+        elif current is not None:
+            current.copy_(momentum)
+        else:
+            # The buffer went away in between (load_state_dict): bind it again, as the step does.
+            self.storage.bucket_of(slot).ensure_momentum()
+            slot.momentum_view.copy_(momentum)
+            state["momentum_buffer"] = slot.momentum_view
+            slot.momentum_ready = True
+
+    def unfreeze(self) -> None:
+        """Let every entry frozen by ``prune_layer(..., freeze=True)`` train again."""
+        self.set_frozen({})
+
+    def set_frozen(self, frozen: dict[Tensor, Tensor]) -> None:
+        self.frozen = frozen
+        self.storage.set_frozen(frozen)
+
+    def _save(self, slots: list[Slot]) -> None:
+        """Keep W, Z and momentum of ``slots`` (and the frozen masks) for :meth:`recover`,
+        replacing any earlier copy."""
+        saved = []
+        for slot in slots:
+            state = self.optimizer.state[slot.param]
+            z, momentum, norms = state.get("z"), state.get("momentum_buffer"), state.get("group_norms")
+            copies = [None if t is None else t.clone() for t in (z, momentum, norms)]
+            saved.append(_Saved(slot.param, slot.param.detach().clone(), *copies))
+        self.snapshot = _Snapshot(saved, dict(self.frozen))
+
+    def _zero_entries(self, param: Tensor, mask: Tensor) -> None:
+        """Zero W, Z and momentum of ``param`` where ``mask`` (broadcastable) is True."""
+        mask = mask.to(param.device)
+        param.masked_fill_(mask, 0)
+        state = self.optimizer.state[param]
+        for key in ("z", "momentum_buffer"):
+            if key in state:
+                state[key].masked_fill_(mask, 0)
+
+    def _refresh_norms(self, slots: list[Slot]) -> None:
+        """‖Z_g‖ of group-penalised ``slots`` whose Z was edited outside the step."""
+        for slot in slots:
+            if slot is not None and slot.penalty == "group":
+                self.storage.bucket_of(slot).refresh_group_norms([slot])
+
+    def rekey(self, old: Tensor, new: Tensor) -> None:
+        """``new`` takes ``old``'s place (a module was given a new Parameter): move the
+        frozen masks and the saved copy for :meth:`recover` over to it."""
+        self.set_frozen({new if p is old else p: mask for p, mask in self.frozen.items()})
+        if self.snapshot is not None:
+            for saved in self.snapshot.saved:
+                if saved.param is old:
+                    saved.param = new
+            frozen = self.snapshot.frozen
+            self.snapshot.frozen = {new if p is old else p: mask for p, mask in frozen.items()}
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The frozen masks by parameter index."""
+        return {
+            "frozen": {slot.index: self.frozen[slot.param] for slot in self.storage.slots if slot.param in self.frozen}
+        }
+
+    @staticmethod
+    def check_state(extras: Mapping[str, Any], params: Mapping[Any, Tensor]) -> None:
+        """Validate the frozen masks of ``state_dict()["slbi"]`` against the parameters
+        (by saved index)."""
+        for key, mask in extras.get("frozen", {}).items():
+            param = params.get(key)
+            if param is None:
+                raise ValueError(f"state_dict['slbi']['frozen'] names parameter {key!r}, which is not loaded")
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"frozen mask of parameter {key!r} must be a bool tensor")
+            if not _broadcasts_to(mask.shape, param.shape):
+                raise ValueError(
+                    f"frozen mask of parameter {key!r} has shape {tuple(mask.shape)}, which does not "
+                    f"broadcast to the parameter's {tuple(param.shape)}"
+                )
+
+    def load_state(self, extras: Mapping[str, Any], params: Mapping[Any, Tensor]) -> None:
+        """Replace the frozen masks by those of ``state_dict()["slbi"]`` (checked before)."""
+        frozen = {params[key]: mask.to(params[key].device) for key, mask in extras.get("frozen", {}).items()}
+        self.set_frozen(frozen)
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def _check_percent(percent: Any) -> float:
+    if isinstance(percent, bool) or not isinstance(percent, numbers.Real):
+        raise TypeError(f"percent must be a number in [0, 100], got {type(percent).__name__}: {percent!r}")
+    value = float(percent)
+    if not math.isfinite(value) or not 0.0 <= value <= 100.0:
+        raise ValueError(f"percent must be in [0, 100], got {percent!r}")
+    return value

@@ -1,0 +1,73 @@
+"""Every private torch internal slbi-triton relies on, and nothing else.
+
+Each one is used only where no public API does the job; :func:`check` verifies that the
+running torch still has them (``tests/test_torch_private.py`` calls it, so a torch
+upgrade that drops one fails with a message naming it).
+
+| internal | where | why |
+|---|---|---|
+| ``Tensor._post_accumulate_grad_hooks`` (re-assigned) | :func:`rearm_grad_hooks` | After ``torch.utils.swap_tensors`` (``model.to()`` with ``swap_module_params_on_conversion``, ``load_state_dict(assign=True)``) a parameter keeps its hook dict but the autograd engine no longer calls it, and registering one more hook does not fix that; assigning the dict back re-registers it with the engine. Without it the optimizer would miss every gradient of a swapped parameter. |
+| ``opt.step._wrapped_by_lr_sched``, ``opt._opt_called`` (LR scheduler protocol) | :func:`is_scheduler_wrapper`, :func:`scheduler_step` | An LR scheduler replaces ``opt.step`` by a wrapper defined in ``torch/optim/lr_scheduler.py``, a file Dynamo never traces, so ``opt.step()`` inside a compiled training step would break the graph. The optimizer installs an equivalent wrapper defined here, which sets the same flag the scheduler reads (``_opt_called``) to tell it that ``step()`` ran. |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["check", "is_scheduler_wrapper", "rearm_grad_hooks", "scheduler_step"]
+
+_HOOKS_ATTRIBUTE = "_post_accumulate_grad_hooks"
+_SCHEDULER_MARK = "_wrapped_by_lr_sched"
+_SCHEDULER_FLAG = "_opt_called"
+
+
+def rearm_grad_hooks(param: Tensor) -> None:
+    """Make the autograd engine call ``param``'s post-accumulate-grad hooks again (after
+    its TensorImpl was swapped)."""
+    setattr(param, _HOOKS_ATTRIBUTE, getattr(param, _HOOKS_ATTRIBUTE))
+
+
+def is_scheduler_wrapper(value: Any) -> bool:
+    """Whether ``value`` is the ``step`` wrapper an LR scheduler installs."""
+    return bool(getattr(value, _SCHEDULER_MARK, False))
+
+
+def scheduler_step(step: Callable[..., Any], mark_called: Callable[[], None]) -> Callable[..., Any]:
+    """A traceable stand-in for the scheduler's wrapper: calls ``mark_called()`` (which
+    must make the optimizer's ``_opt_called`` read True), then ``step``."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        mark_called()
+        return step(*args, **kwargs)
+
+    setattr(wrapper, _SCHEDULER_MARK, True)
+    return wrapper
+
+
+def check() -> list[str]:
+    """The internals above that this torch lacks or handles differently (empty: all fine)."""
+    problems = []
+    param = torch.nn.Parameter(torch.zeros(2))
+    calls = []
+    param.register_post_accumulate_grad_hook(lambda p: calls.append(p))
+    try:
+        torch.utils.swap_tensors(param, torch.nn.Parameter(torch.ones(2)))
+        rearm_grad_hooks(param)
+        param.sum().backward()
+        if not calls:
+            problems.append(f"Tensor.{_HOOKS_ATTRIBUTE}: re-assigning it no longer re-arms the hooks")
+    except (AttributeError, RuntimeError, TypeError) as error:
+        problems.append(f"Tensor.{_HOOKS_ATTRIBUTE}: {error}")
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    if not is_scheduler_wrapper(optimizer.step):
+        problems.append(f"LR schedulers no longer mark their step wrapper with {_SCHEDULER_MARK}")
+    optimizer.step()
+    if getattr(optimizer, _SCHEDULER_FLAG, None) is not True:
+        problems.append(f"LR schedulers no longer record a step in optimizer.{_SCHEDULER_FLAG}")
+    return problems

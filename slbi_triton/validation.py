@@ -1,0 +1,131 @@
+"""Checks at the door: hyper-parameters, parameters, gradients and loaded state.
+
+Every check raises ``ValueError`` or ``TypeError`` naming the parameter and the value,
+and is called before the optimizer changes anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+PENALTIES = ("auto", "l1", "group", "none")
+BACKENDS = ("auto", "torch", "triton")
+HYPERPARAMETERS = ("lr", "kappa", "mu", "lam", "momentum", "dampening", "weight_decay")
+
+_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lr": (lambda x: x >= 0.0, "a finite number >= 0"),
+    "kappa": (lambda x: x > 0.0, "a finite number > 0"),
+    "mu": (lambda x: x > 0.0, "a finite number > 0"),
+    "lam": (lambda x: x >= 0.0, "a finite number >= 0"),
+    "momentum": (lambda x: 0.0 <= x < 1.0, "in [0, 1)"),
+    "dampening": (lambda x: 0.0 <= x <= 1.0, "in [0, 1]"),
+    "weight_decay": (lambda x: x >= 0.0, "a finite number >= 0"),
+}
+
+
+def resolve_penalty(penalty: str, param: Tensor) -> str:
+    """The penalty a parameter gets: ``"auto"`` is group for ≥3-D, l1 for 2-D, none else;
+    an empty tensor has nothing to penalise (``"none"``, whatever its group says)."""
+    if param.numel() == 0:
+        return "none"
+    if penalty != "auto":
+        return penalty
+    if param.dim() >= 3:
+        return "group"
+    return "l1" if param.dim() == 2 else "none"
+
+
+def as_float(name: str, value: Any, read_device: bool = True) -> float | None:
+    """``value`` as a float; ``None`` for a tensor on an accelerator when not
+    ``read_device`` (reading it would wait for the device)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+        if not read_device and value.device.type != "cpu":
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+    return float(value)
+
+
+def check_hyperparameters(group: Mapping[str, Any], where: str, read_device: bool = True) -> None:
+    """Raise naming the first bad hyper-parameter or penalty of ``group``; the values of
+    accelerator tensors are checked only when ``read_device`` (never per step)."""
+    for key, (ok, expected) in _RULES.items():
+        value = as_float(f"{key} ({where})", group[key], read_device)
+        if value is None:
+            continue
+        if not math.isfinite(value) or not ok(value):
+            raise ValueError(f"Invalid {key} ({where}): {group[key]!r}; expected {expected}")
+    penalty = group["penalty"]
+    if penalty not in PENALTIES:
+        raise ValueError(f"Invalid penalty ({where}): {penalty!r}; expected one of {PENALTIES}")
+
+
+def check_group_penalty(
+    penalty: str, params: Iterable[Tensor], where: str, labels: Iterable[str] | None = None
+) -> None:
+    """Refuse penalty ``"group"`` on a 0-D/1-D parameter; ``labels`` name the parameters
+    in the message (default: their position in the group ``where``)."""
+    if penalty != "group":
+        return
+    params = list(params)
+    if labels is None:
+        labels = [f"parameter {position} of {where}" for position in range(len(params))]
+    for param, label in zip(params, labels, strict=True):
+        if param.dim() < 2:
+            raise ValueError(
+                f"penalty 'group' needs a tensor of at least 2 dims, but {label} has shape "
+                f"{tuple(param.shape)}; use penalty 'l1', 'none' or 'auto' for it"
+            )
+
+
+def check_parameter(param: Any, label: str) -> None:
+    """A dense, real floating-point tensor."""
+    if not isinstance(param, Tensor):
+        raise TypeError(f"{label} is not a Tensor but {type(param).__name__}")
+    if param.is_complex():
+        raise TypeError(f"{label} is complex ({param.dtype}); SLBI supports real parameters only")
+    if not param.is_floating_point():
+        raise TypeError(f"{label} has dtype {param.dtype}; SLBI needs floating-point parameters")
+    if param.is_sparse or param.layout != torch.strided:
+        raise TypeError(f"{label} has layout {param.layout}; SLBI needs dense (strided) parameters")
+
+
+def check_gradient(grad: Tensor, label: str) -> None:
+    """Refuse sparse and complex gradients."""
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise TypeError(f"SLBI does not support sparse gradients ({label}, layout {grad.layout})")
+    if grad.is_complex():
+        raise TypeError(f"SLBI does not support complex gradients ({label}, dtype {grad.dtype})")
+
+
+def check_state_dtype(state_dtype: Any) -> None:
+    """``None`` (the parameters' dtype) or ``torch.bfloat16``."""
+    if state_dtype not in (None, torch.bfloat16):
+        raise ValueError(
+            f"state_dtype must be None (the parameters' dtype) or torch.bfloat16, got {state_dtype!r}"
+        )
+
+
+def check_loaded_state(
+    entry: Mapping[str, Any], param: Tensor, expected: Mapping[str, tuple[int, ...]], where: str
+) -> None:
+    """Each loaded state tensor of one parameter has the shape ``expected`` gives it."""
+    for key, shape in expected.items():
+        value = entry.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"{where}: {key!r} has shape {tuple(value.shape)}, expected {shape} for a parameter of "
+                f"shape {tuple(param.shape)}"
+            )

@@ -44,6 +44,7 @@ class Slot:
     momentum_ready: bool = False  # the momentum buffer holds v_t
     hook_handle: object | None = field(default=None, repr=False)
     data_ptr: int = 0  # where ``param_view`` starts, for the per-step binding check
+    grad_ptr: int = 0  # where ``grad_view`` starts: a swapped ``.grad`` moves away from it
 
     @property
     def label(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -144,7 +145,8 @@ class SLBI(Optimizer):
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
     ) -> None:
-        defaults = dict(zip(HYPERPARAMETERS, (lr, kappa, mu, lam, momentum, dampening, weight_decay), strict=True))
+        values = (lr, kappa, mu, lam, momentum, dampening, weight_decay)
+        defaults: dict[str, Any] = dict(zip(HYPERPARAMETERS, values, strict=True))
         defaults["penalty"] = penalty
         check_hyperparameters(defaults, "defaults")
         if isinstance(params, (set, frozenset)):
@@ -178,6 +180,8 @@ class SLBI(Optimizer):
         # the penalties the layout was last checked against (see _apply_group_changes).
         self._valid_groups: dict[int, tuple[Any, ...]] = {}
         self._checked_penalties: tuple[str, ...] | None = None
+        self._own_hooks: dict[str, Any] = {}  # our state-dict hooks (see state_dict)
+        self._pending_load: tuple[Any, ...] | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # An LR scheduler replaces ``opt.step`` by a wrapper Dynamo cannot trace: put an
@@ -204,14 +208,20 @@ class SLBI(Optimizer):
         the step count and seed, and the toolbox's state; the flat buffers are laid out
         anew from the (copied) parameters and state."""
         state = super().__getstate__()
-        state["state"] = {
-            param: {key: value.clone() if isinstance(value, Tensor) else value for key, value in entry.items()}
-            for param, entry in self.state.items()
-        }
+        # Compact copies: a view would carry its whole flat buffer into a pickle.
+        state["state"] = defaultdict(dict)
+        for param, entry in self.state.items():
+            state["state"][param] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
         state["slbi"] = {
-            "backend": self.backend, "fused": self.fused, "state_dtype": self.state_dtype,
-            "seed": self._storage.seed, "steps": self._storage.steps_done(), "current_epoch": self.current_epoch,
-            "order_path": self._toolbox.order_path, "frozen": self._pruner.frozen, "snapshot": self._pruner.snapshot,
+            "backend": self.backend,
+            "fused": self.fused,
+            "state_dtype": self.state_dtype,
+            "seed": self._storage.seed,
+            "steps": self._storage.steps_done(),
+            "current_epoch": self.current_epoch,
+            "order_path": self._toolbox.order_path,
+            "frozen": self._pruner.frozen,
+            "snapshot": self._pruner.snapshot,
         }
         return state
 
@@ -253,7 +263,9 @@ class SLBI(Optimizer):
         if self._layout_ready:
             self._relayout()
 
-    def _check_new_params(self, tensors: list[Any], names: list[str | None], penalty: str, where: str) -> None:
+    def _check_new_params(
+        self, tensors: list[Any], names: list[str | None], penalty: str, where: str
+    ) -> None:
         seen = {id(p) for group in self.param_groups for p in group["params"]}
         labels = [
             f"parameter {name!r}" if name is not None else f"parameter {position} of {where}"
@@ -403,7 +415,9 @@ class SLBI(Optimizer):
             for slot, on in zip(bucket.slots, flags, strict=True)
         )
 
-    def _run_kernels(self, active: list[list[bool]], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _run_kernels(
+        self, active: list[list[bool]], grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
         """One kernel call per bucket (an idle one only counts the step), then the frozen
         entries are zeroed again."""
         momentum = any(group["momentum"] != 0 for group in self.param_groups)
@@ -459,9 +473,13 @@ class SLBI(Optimizer):
         Like ``torch.optim.SGD.state_dict()``, the tensors are the live state, not copies:
         here views into the flat buffers, so the dict follows later steps (copy it, e.g.
         with ``copy.deepcopy``, to keep a snapshot in memory). ``torch.save`` writes each
-        flat buffer once, whole, for all the views into it.
+        flat buffer once, whole, for all the views into it. State dict hooks see the
+        whole dict, ``"slbi"`` included.
         """
-        state_dict = super().state_dict()
+        self._hook_first("state_dict_post", self.register_state_dict_post_hook, self._add_slbi_state)
+        return super().state_dict()
+
+    def _add_slbi_state(self, optimizer: SLBI, state_dict: dict[str, Any]) -> None:
         state_dict["slbi"] = {
             "steps": self._storage.steps_done(),
             "rng_seed": self._storage.seed,
@@ -469,7 +487,6 @@ class SLBI(Optimizer):
             **self._toolbox.state_dict(),
             **self._pruner.state_dict(),
         }
-        return state_dict
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load optimizer state and rebuild the flat buffers from it.
@@ -478,11 +495,35 @@ class SLBI(Optimizer):
         ``torch.load(weights_only=True, map_location=...)``; training then continues bit
         for bit. Also takes a ``torch.optim.SGD`` state dict: its hyper-parameters and
         momentum are kept, SLBI's own (``kappa``, ``mu``, ``lam``, ``penalty``) stay as
-        they are here, and Z starts at 0. Everything is validated before anything changes.
+        they are here, and Z starts at 0. Everything is validated before anything changes,
+        after the load-state-dict pre-hooks ran (they see the dict as given).
 
         Args:
             state_dict: optimizer state, as returned by :meth:`state_dict`.
         """
+        self._hook_last("load_pre", self.register_load_state_dict_pre_hook, self._prepare_load)
+        self._hook_first("load_post", self.register_load_state_dict_post_hook, self._finish_load)
+        super().load_state_dict(state_dict)
+
+    def _hook_first(self, key: str, register: Callable[..., Any], hook: Callable[..., Any]) -> None:
+        """Register ``hook`` anew, ahead of the user's hooks of the same kind."""
+        self._remove_hook(key)
+        self._own_hooks[key] = register(hook, prepend=True)
+
+    def _hook_last(self, key: str, register: Callable[..., Any], hook: Callable[..., Any]) -> None:
+        """Register ``hook`` anew, after the user's hooks of the same kind."""
+        self._remove_hook(key)
+        self._own_hooks[key] = register(hook)
+
+    def _remove_hook(self, key: str) -> None:
+        handle = self._own_hooks.pop(key, None)
+        if handle is not None:
+            handle.remove()
+
+    def _prepare_load(self, optimizer: SLBI, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate a state dict (nothing changes if it is refused) and hand torch's loader
+        the merged param groups and the state it may cast; keep the rest for
+        :meth:`_finish_load`."""
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
             raise TypeError("state_dict must be a mapping with 'state' and 'param_groups' (opt.state_dict())")
         merged_groups, targets = self._merge_loaded_groups(list(state_dict["param_groups"]))
@@ -505,7 +546,13 @@ class SLBI(Optimizer):
             raise TypeError(f"state_dict['slbi'] must be a dict, got {type(extras).__name__}")
         Pruner.check_state(extras, params_by_key)
         Toolbox.check_state(extras)
-        super().load_state_dict({**state_dict, "state": state, "param_groups": merged_groups})
+        self._pending_load = (exact, extras, params_by_key)
+        return {**state_dict, "state": state, "param_groups": merged_groups}
+
+    def _finish_load(self, optimizer: SLBI) -> None:
+        """After torch's loader: the exact state, the flat buffers, the toolbox."""
+        exact, extras, params_by_key = self._pending_load
+        self._pending_load = None
         for param, values in exact.items():
             for key, value in values.items():
                 value = value.to(param.device)
@@ -523,7 +570,8 @@ class SLBI(Optimizer):
         parameter index its parameter and penalty."""
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"the state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+                f"the state dict has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}"
             )
         merged_groups = []
         targets: dict[Any, tuple[Tensor, str]] = {}

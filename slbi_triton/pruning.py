@@ -233,9 +233,9 @@ class Pruner:
 
     def state_dict(self) -> dict[str, Any]:
         """The frozen masks by parameter index."""
-        return {
-            "frozen": {slot.index: self.frozen[slot.param] for slot in self.storage.slots if slot.param in self.frozen}
-        }
+        slots = self.storage.slots
+        frozen = {slot.index: self.frozen[slot.param] for slot in slots if slot.param in self.frozen}
+        return {"frozen": frozen}
 
     @staticmethod
     def check_state(extras: Mapping[str, Any], params: Mapping[Any, Tensor]) -> None:

@@ -123,10 +123,14 @@ class FlatStorage:
         param.data = slot.param_view
         slot.data_ptr = slot.param_view.data_ptr()
         grad = param.grad
+        # A gradient that is not our view came from outside (autograd after a swapped
+        # TensorImpl lost our hook, or the user): it is this step's.
+        foreign = grad is not None and (old is None or grad.data_ptr() != old.grad_ptr)
+        slot.grad_seen = foreign or (old is not None and old.grad_seen)
         if grad is not None:
             slot.grad_view.copy_(grad)
             param.grad = slot.grad_view
-        slot.grad_seen = old.grad_seen if old is not None else grad is not None
+        slot.grad_ptr = slot.grad_view.data_ptr()
         z = entry.get("z")
         norms = entry.pop("group_norms", None)
         norms_current = slot.penalty != "group" or (

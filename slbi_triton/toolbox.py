@@ -88,7 +88,11 @@ class _LayerPath:
 
     def as_dict(self) -> dict[str, Any]:
         """``{"epochs", "norms" (E×G), "selected" (E×G)}``; the path must not be empty."""
-        return {"epochs": list(self.epochs), "norms": torch.stack(self.norms), "selected": torch.stack(self.selected)}
+        return {
+            "epochs": list(self.epochs),
+            "norms": torch.stack(self.norms),
+            "selected": torch.stack(self.selected),
+        }
 
 
 class Toolbox:
@@ -117,7 +121,8 @@ class Toolbox:
         how = "build the optimizer from model.named_parameters() or call opt.assign_name(...)"
         missing = [slot.index for slot in self.storage.slots if slot.name is None]
         if missing:
-            raise ValueError(f"{len(missing)} parameter(s) have no name (first: parameter {missing[0]}); {how}")
+            first = missing[0]
+            raise ValueError(f"{len(missing)} parameter(s) have no name (first: parameter {first}); {how}")
         counts = Counter(slot.name for slot in self.storage.slots)
         duplicates = sorted(name for name, count in counts.items() if count > 1)
         if duplicates:
@@ -241,7 +246,8 @@ class Toolbox:
         for slot in self.penalised_slots():
             chosen = self.selected(slot, self.gamma_of(slot))
             size, support = chosen.numel(), int(chosen.sum())
-            rows.append(LayerSparsity(slot.name, slot.penalty, size, support, support / size if size else 0.0))
+            fraction = support / size if size else 0.0
+            rows.append(LayerSparsity(slot.name, slot.penalty, size, support, fraction))
         return rows
 
     @torch.no_grad()
@@ -303,7 +309,9 @@ class Toolbox:
         slot = self.penalised_slot(name)
         state = self.optimizer.state[slot.param]
         if "entry_epoch" not in state or "order_magnitude" not in state:
-            raise ValueError(f"layer {name!r} has no prune order yet; call update_order(epoch) at the end of each epoch")
+            raise ValueError(
+                f"layer {name!r} has no prune order yet; call update_order(epoch) at the end of each epoch"
+            )
         return state["order_magnitude"].double() - as_epochs(state["entry_epoch"]).double()
 
     def path_history(self, name: str) -> dict[str, Any]:
@@ -393,7 +401,11 @@ class Toolbox:
         rows, position, width = [], 0, len(recording.STATS)
         for slot, parts in layouts:
             row: dict[str, Any] = {
-                "step": step, "epoch": epoch, "layer": slot.name, "penalty": slot.penalty, "numel": slot.numel,
+                "step": step,
+                "epoch": epoch,
+                "layer": slot.name,
+                "penalty": slot.penalty,
+                "numel": slot.numel,
             }
             for part in parts:
                 stats = zip(recording.STATS, values[position : position + width], strict=True)

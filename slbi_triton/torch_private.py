@@ -4,10 +4,20 @@ Each one is used only where no public API does the job; :func:`check` verifies t
 running torch still has them (``tests/test_torch_private.py`` calls it, so a torch
 upgrade that drops one fails with a message naming it).
 
-| internal | where | why |
-|---|---|---|
-| ``Tensor._post_accumulate_grad_hooks`` (re-assigned) | :func:`rearm_grad_hooks` | After ``torch.utils.swap_tensors`` (``model.to()`` with ``swap_module_params_on_conversion``, ``load_state_dict(assign=True)``) a parameter keeps its hook dict but the autograd engine no longer calls it, and registering one more hook does not fix that; assigning the dict back re-registers it with the engine. Without it the optimizer would miss every gradient of a swapped parameter. |
-| ``opt.step._wrapped_by_lr_sched``, ``opt._opt_called`` (LR scheduler protocol) | :func:`is_scheduler_wrapper`, :func:`scheduler_step` | An LR scheduler replaces ``opt.step`` by a wrapper defined in ``torch/optim/lr_scheduler.py``, a file Dynamo never traces, so ``opt.step()`` inside a compiled training step would break the graph. The optimizer installs an equivalent wrapper defined here, which sets the same flag the scheduler reads (``_opt_called``) to tell it that ``step()`` ran. |
+1. ``Tensor._post_accumulate_grad_hooks``, re-assigned (:func:`rearm_grad_hooks`).
+   After ``torch.utils.swap_tensors`` (``model.to()`` with
+   ``swap_module_params_on_conversion``, ``load_state_dict(assign=True)``) a parameter
+   keeps its hook dict but the autograd engine no longer calls it, and registering one
+   more hook does not fix that; assigning the dict back registers it with the engine
+   again. Without it the optimizer would miss every gradient of a swapped parameter.
+   No public API re-arms hooks.
+2. The LR scheduler protocol: ``opt.step._wrapped_by_lr_sched`` and ``opt._opt_called``
+   (:func:`is_scheduler_wrapper`, :func:`scheduler_step`). An LR scheduler replaces
+   ``opt.step`` by a wrapper defined in ``torch/optim/lr_scheduler.py``, a file Dynamo
+   never traces, so ``opt.step()`` inside a compiled training step would break the graph.
+   The optimizer installs an equivalent wrapper defined here, which sets the flag the
+   scheduler reads to tell it that ``step()`` ran. No public API lets an optimizer
+   replace the scheduler's wrapper.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md §4 and of the toolbox: a clear TypeError/ValueError that
+"""Every bad input of the optimizer and of the toolbox: a clear TypeError/ValueError that
 names the parameter and the value, raised before any parameter or state changes."""
 
 from __future__ import annotations
@@ -11,18 +11,10 @@ import torch
 from torch import nn
 
 from slbi_triton import SLBI
-from slbi_triton.optimizer import _validate_hyperparameters
 from slbi_triton.toolbox import UnknownLayerError
+from slbi_triton.validation import check_hyperparameters
 
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3)
-        self.fc = nn.Linear(12, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+from .helpers import SmallNet as Net
 
 
 def trained(order: bool = True) -> tuple[Net, SLBI]:
@@ -30,10 +22,10 @@ def trained(order: bool = True) -> tuple[Net, SLBI]:
     torch.manual_seed(0)
     model = Net()
     opt = SLBI(model.named_parameters(), lr=0.1, mu=3.0, lam=0.05, backend="torch", fused=False)
-    for _ in range(3):
+    for step in range(3):
         opt.zero_grad()
         model(torch.randn(4, 1, 4, 4)).square().mean().backward()
-        if opt._step_calls.steps_done < 2:
+        if step < 2:
             opt.step()
     if order:
         opt.update_order(0)
@@ -50,11 +42,8 @@ def everything(model: nn.Module, opt: SLBI) -> dict:
         out[f"{name}/storage"] = p.untyped_storage().data_ptr()
         for key, value in opt.state[p].items():
             out[f"{name}/{key}"] = value.clone()
-    out["norms"] = [b.group_norms.clone() for b in opt._buckets]
-    out["flags"] = [(s.grad_seen, s.momentum_ready, s.penalty) for s in opt._slots]
-    out["steps"] = opt._step_calls.steps_done
-    out["frozen"] = dict(opt._frozen)
-    out["snapshot"] = opt._snapshot
+    out["kernels"] = opt.kernels()
+    out["slbi"] = opt.state_dict()["slbi"]  # steps, seed, epoch, path history, frozen masks
     return copy.deepcopy(out)
 
 
@@ -63,9 +52,9 @@ def assert_same(a: dict, b: dict) -> None:
     for key, value in a.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, b[key]), key
-        elif key == "norms":
-            assert all(torch.equal(x, y) for x, y in zip(value, b[key], strict=True))
-        elif key not in ("frozen", "snapshot"):
+        elif key == "slbi":
+            assert repr(value) == repr(b[key])
+        else:
             assert value == b[key], key
 
 
@@ -100,7 +89,8 @@ BAD_HYPERPARAMETERS = [
 def untouched(params: list[nn.Parameter], values: list[torch.Tensor], pointers: list[int]) -> None:
     for p, value, pointer in zip(params, values, pointers, strict=True):
         assert torch.equal(p.detach(), value) and p.data_ptr() == pointer and p.grad is None
-        assert p._post_accumulate_grad_hooks is None  # no hook registered either
+        # An internal on purpose: no post-accumulate-grad hook was registered either.
+        assert p._post_accumulate_grad_hooks is None
 
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), BAD_HYPERPARAMETERS)
@@ -198,9 +188,9 @@ def test_tensor_lr_edited_in_place_is_checked_at_step() -> None:
         opt.step()
     assert_same(before, everything(model, opt))
     group = {**opt.defaults, "lr": torch.tensor(-1.0, device="meta")}
-    _validate_hyperparameters(group, "param group 0", read_device=False)  # no .item() on meta
+    check_hyperparameters(group, "param group 0", read_device=False)  # no .item() on meta
     with pytest.raises((NotImplementedError, RuntimeError)):
-        _validate_hyperparameters(group, "param group 0")
+        check_hyperparameters(group, "param group 0")
 
 
 def test_bad_add_param_group_changes_nothing() -> None:
@@ -282,7 +272,9 @@ def test_prune_before_update_order_changes_nothing() -> None:
     with pytest.raises(ValueError, match="update_order"):
         opt.prune_layer(50, ["fc.weight", "conv.weight"], prune_bias=True, freeze=True)
     assert_same(before, everything(model, opt))
-    assert opt._snapshot is None and not opt._frozen
+    assert not opt.state_dict()["slbi"]["frozen"]
+    with pytest.raises(ValueError, match="nothing to recover"):
+        opt.recover()
 
 
 def test_bad_state_dicts_change_nothing() -> None:

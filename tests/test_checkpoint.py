@@ -18,6 +18,7 @@ from torch import nn
 from slbi_triton import SLBI
 from slbi_triton.toolbox import SENTINEL_EPOCH
 
+from .helpers import flat_storages, penalty_of
 from .reference import RefParam
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,9 +144,10 @@ def test_resume_is_bit_for_bit(
         assert ours["epochs"] == theirs["epochs"] and len(ours["epochs"]) >= 2 * steps // 3
         assert torch.equal(ours["norms"], theirs["norms"])
         assert torch.equal(ours["selected"], theirs["selected"])
-    assert resumed_opt._frozen.keys() == {resumed_model.conv.weight}
-    assert torch.equal(resumed_opt._frozen[resumed_model.conv.weight], opt._frozen[model.conv.weight])
-    assert resumed_opt._step_calls.steps_done == 2 * steps
+    frozen, resumed_frozen = opt.state_dict()["slbi"]["frozen"], resumed_opt.state_dict()["slbi"]["frozen"]
+    assert resumed_frozen.keys() == {0} == frozen.keys()  # conv.weight is parameter 0
+    assert torch.equal(resumed_frozen[0], frozen[0])
+    assert resumed_opt.state_dict()["slbi"]["steps"] == 2 * steps
 
 
 def test_group_norms_are_taken_over_not_recomputed() -> None:
@@ -159,7 +161,8 @@ def test_group_norms_are_taken_over_not_recomputed() -> None:
     fresh_model, fresh_opt, _ = build(seed=1, backend="torch", fused=False)
     fresh_opt.load_state_dict(saved)
     assert torch.equal(fresh_opt.state[fresh_model.conv.weight]["group_norms"], norms)
-    assert torch.equal(fresh_opt._buckets[0].group_norms, norms)
+    fresh_opt.step()  # nothing to update (no gradients): the norms stay as loaded
+    assert torch.equal(fresh_opt.state[fresh_model.conv.weight]["group_norms"], norms)
 
 
 def test_penalty_switched_on_after_loading_a_checkpoint_takes_effect() -> None:
@@ -180,10 +183,11 @@ def test_penalty_switched_on_after_loading_a_checkpoint_takes_effect() -> None:
     param, opt = fresh("l1")
     step(param, opt)
     opt.load_state_dict(saved_opt.state_dict())
-    assert [slot.penalty for slot in opt._slots] == ["none"]
+    assert opt.param_groups[0]["penalty"] == "none" and "z" not in opt.state[param]
     opt.param_groups[0]["penalty"] = "l1"
     step(param, opt)
-    assert [slot.penalty for slot in opt._slots] == ["l1"]
+    opt.assign_name(["w"])
+    assert [row.kind for row in opt.sparsity()] == ["l1"]
     assert "z" in opt.state[param] and opt.state[param]["z"].abs().sum() > 0
 
 
@@ -219,14 +223,21 @@ def test_state_dict_layout() -> None:
         "momentum": 0.8, "dampening": 0.1, "weight_decay": 1e-3, "lam": 0.02, "mu": 20.0, "penalty": "auto"}
     assert group["lr"] == pytest.approx(0.05 * 0.7)  # the scheduler's value
     # Live views into the flat buffers, like SGD's buffers: no copies are made.
-    (bucket,) = opt._buckets
-    z = saved["state"][0]["z"]
-    assert z.untyped_storage().data_ptr() == bucket.z.untyped_storage().data_ptr()
-    assert saved["state"][0]["group_norms"].untyped_storage().data_ptr() == bucket.group_norms.data_ptr()
+    for key in ("z", "momentum_buffer"):
+        views = [entry[key] for entry in saved["state"].values() if key in entry]
+        assert len(flat_storages(views)) == 1, key
+        live = opt.state[params["conv.weight"]][key]
+        assert views[0].untyped_storage().data_ptr() == live.untyped_storage().data_ptr()
     # torch.save writes each flat buffer once, whatever the number of views into it.
     buffer = io.BytesIO()
     torch.save(saved, buffer)
-    flat_bytes = sum(t.numel() * t.element_size() for t in (bucket.z, bucket.momentum, bucket.group_norms))
+    storages = {}
+    for entry in saved["state"].values():
+        for key in ("z", "momentum_buffer", "group_norms"):
+            if key in entry:
+                storage = entry[key].untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    flat_bytes = sum(storages.values())
     assert flat_bytes < len(buffer.getvalue()) < 2 * flat_bytes + 30_000
 
 
@@ -250,9 +261,8 @@ def test_weights_only_load_into_fresh_optimizer_and_model() -> None:
             fresh_opt.load_state_dict(saved["opt"])
             fresh_model.load_state_dict(saved["model"])
         assert_bitwise_equal(flat_state(fresh_model, fresh_opt), expected)
-        (bucket,) = fresh_opt._buckets
-        for p in fresh_model.parameters():  # the flat buffers are rebuilt and bound
-            assert p.untyped_storage().data_ptr() == bucket.params.untyped_storage().data_ptr()
+        assert len(flat_storages(list(fresh_model.parameters()))) == 1  # the flat buffers are rebuilt
+        for p in fresh_model.parameters():
             for value in fresh_opt.state[p].values():
                 if value.dtype != torch.int64 and value.shape != (6,):
                     assert value.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
@@ -324,15 +334,14 @@ def test_sgd_state_dict_switches_a_run_to_slbi() -> None:
     assert "nesterov" not in group and "maximize" not in group
     assert group["param_names"] == [n for n, _ in model.named_parameters()]
     refs = {}
-    for slot in opt._slots:
-        p = slot.param
+    for p in model.parameters():
         state = opt.state[p]
         assert torch.equal(state["momentum_buffer"], sgd.state[p]["momentum_buffer"])
-        assert slot.momentum_ready
-        if slot.penalty != "none":
+        penalty = penalty_of(opt, p)
+        if penalty != "none":
             assert not state["z"].any()
         hp = {k: group[k] for k in ("lr", "kappa", "mu", "lam", "momentum", "dampening", "weight_decay")}
-        refs[p] = RefParam(p, slot.penalty, hp)
+        refs[p] = RefParam(p, penalty, hp)
         refs[p].v = state["momentum_buffer"].double().clone()
     x, y = batches[3]
     opt.zero_grad()
@@ -370,7 +379,7 @@ def test_cuda_triton_resume_is_bit_for_bit_and_loads_on_cpu() -> None:
         fresh_model.load_state_dict(saved["model"])
         fresh_opt.load_state_dict(saved["opt"])
         fresh_scheduler.load_state_dict(saved["scheduler"])
-        assert all(b.device.type == device for b in fresh_opt._buckets)
+        assert all(info.device.type == device for info in fresh_opt.kernels())
         if device == "cuda":
             train(fresh_model, fresh_opt, fresh_scheduler, range(6, 12), "cuda")
             assert_bitwise_equal(flat_state(fresh_model, fresh_opt), flat_state(model, opt))

@@ -7,13 +7,17 @@ import copy
 
 import pytest
 import torch
-from slbi_triton.kernels import cpu_step, slbi_step
+from slbi_triton.kernels import cpu_step, ops
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from slbi_triton import SLBI
 
+from .helpers import random_bucket
 from .reference import rel_err
+
+ARGUMENTS = ("params", "grads", "z", "momentum", "group_norms", "chunks", "slot_flags", "hparams", "rng",
+             "inv_scale", "found_inf", "stochastic_rounding")
 
 if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
     pytest.skip("this torch cannot trace Tensor.backward() in Dynamo", allow_module_level=True)
@@ -120,7 +124,7 @@ def test_triton_op_under_compile_matches_eager() -> None:
         step_e(x, y)
         compiled(x, y)
     assert counter.frame_count == 2
-    assert opt_c._buckets[0].backend == "triton"
+    assert [info.kernel for info in opt_c.kernels()] == ["triton"]
     for a, b in zip(model_c.parameters(), model_e.parameters(), strict=True):
         assert rel_err(a, b) <= 1e-6
 
@@ -129,7 +133,9 @@ def test_triton_op_under_compile_matches_eager() -> None:
 def test_cpu_kernel_is_one_op_of_the_compiled_graph() -> None:
     """On the CPU the compiled step calls the C kernel's custom op (not traced torch math)."""
     _, opt, _, train_step = make_run("torch", 0.1)
-    assert opt._buckets[0].cpu_kernel
+    if not cpu_step.available(torch.float32):
+        pytest.skip("no C compiler")
+    assert [info.kernel for info in opt.kernels()] == ["c"]
     graphs = []
 
     def capture(graph_module, example_inputs):
@@ -139,28 +145,22 @@ def test_cpu_kernel_is_one_op_of_the_compiled_graph() -> None:
     compiled = torch.compile(train_step, backend=capture, fullgraph=True)
     for x, y in batches(2):
         compiled(x, y)
-    assert graphs and all(code.count("slbi_triton.cpu_bucket_step") == 1 for code in graphs)
+    assert graphs and all(code.count("slbi_triton.bucket_step") == 1 for code in graphs)
 
 
 @pytest.mark.parametrize("amp", [None, 0.0, 1.0], ids=["plain", "amp_finite", "amp_found_inf"])
-@pytest.mark.parametrize("op", ["triton", "cpu"])
-def test_opcheck_bucket_step(amp: float | None, op: str) -> None:
-    """Schema, fake implementation and aot dispatch of the custom ops, with and without
-    GradScaler's inv_scale / found_inf inputs."""
-    params = [nn.Parameter(torch.randn(s)) for s in [(5, 3, 2, 2), (7, 9), (4,)]]
-    opt = SLBI(params, backend="triton" if op == "triton" else "torch")
-    (bucket,) = opt._buckets
-    if op == "cpu" and not bucket.cpu_kernel:
+@pytest.mark.parametrize("kernel", ["triton", "c"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["fp32-state", "bf16-state"])
+def test_opcheck_bucket_step(amp: float | None, kernel: str, state_dtype: torch.dtype) -> None:
+    """Schema, fake implementation and aot dispatch of the op, with and without
+    GradScaler's inv_scale / found_inf inputs and stochastic rounding."""
+    if kernel == "c" and not cpu_step.available(torch.float32, state_dtype):
         pytest.skip("no C compiler")
-    for slot in opt._slots:
-        slot.param.grad.normal_()
-    bucket.z.normal_()
-    bucket.refresh_group_norms()
-    args = opt._kernel_inputs(bucket, [True] * len(bucket.slots), op)
+    bucket = random_bucket([(5, 3, 2, 2), (7, 9), (4,)], ["group", "l1", "none"], state_dtype=state_dtype)
     if amp is not None:
-        args = (*args, torch.tensor(0.25), torch.tensor(amp))
-    kernel_op = slbi_step.slbi_bucket_step if op == "triton" else cpu_step.cpu_bucket_step
-    torch.library.opcheck(kernel_op, copy.deepcopy(args))
+        bucket.inv_scale, bucket.found_inf = torch.tensor([0.25]), torch.tensor([amp])
+    args = [getattr(bucket, f) for f in ARGUMENTS]
+    torch.library.opcheck(ops.bucket_step, (*copy.deepcopy(args), kernel == "triton"))
 
 
 @trace_backward

@@ -18,6 +18,7 @@ from torch import nn
 
 from slbi_triton import SLBI
 
+from .helpers import flat_storages
 from .reference import rel_err
 
 WORLD = 2
@@ -60,20 +61,20 @@ def _worker(rank: int, port: int, out: str) -> None:
         for bucket_view in MODES:
             model, opt = build()
             ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
-            foreign_grads = 0
+            foreign_grads, ours = 0, set()
+            params = list(model.parameters())
             for step in range(STEPS):
                 x, y = batch(step)
                 opt.zero_grad()
                 F.cross_entropy(ddp(x[share]), y[share]).backward()
-                # Our post-accumulate-grad hooks still see every gradient arrive.
-                assert all(slot.grad_seen for slot in opt._slots)
-                foreign_grads += sum(
-                    slot.param.grad.data_ptr() != slot.grad_view.data_ptr() for slot in opt._slots
-                )
+                if ours:  # grads outside our flat gradient buffer
+                    foreign_grads += sum(p.grad.untyped_storage().data_ptr() not in ours for p in params)
                 opt.step()
+                ours = flat_storages([p.grad for p in params])
+                assert len(ours) == 1  # after a step every gradient is a view into our buffer
             # Default: DDP copies the averaged gradients into our views, in place. With
             # bucket views: DDP points .grad at its buckets every step; step() copies back.
-            assert foreign_grads == (STEPS * len(opt._slots) if bucket_view else 0)
+            assert foreign_grads == ((STEPS - 1) * len(params) if bucket_view else 0)
             state = {name: p.detach().clone() for name, p in model.named_parameters()}
             state.update({f"{n}/z": opt.state[p]["z"].clone() for n, p in model.named_parameters()
                           if "z" in opt.state[p]})

@@ -12,22 +12,14 @@ from torch import nn
 
 from slbi_triton import SLBI
 
+from .helpers import SmallNet, flat_storages, penalty_of, snapshot
 from .reference import RefParam, rel_err
 
 HP = {"lr": 0.05, "kappa": 1.5, "mu": 4.0, "lam": 0.1, "momentum": 0.9, "dampening": 0.0,
       "weight_decay": 1e-3}
 
 
-class Net(nn.Module):
-    """conv (group), fc (l1), biases (none)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3)
-        self.fc = nn.Linear(3 * 2 * 2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+Net = SmallNet
 
 
 def make(steps: int = 2) -> tuple[Net, SLBI]:
@@ -47,21 +39,17 @@ def forward_backward(model: Net, opt: SLBI) -> None:
     model(torch.randn(4, 1, 4, 4, dtype=dtype)).square().mean().backward()
 
 
-def state_of(model: nn.Module, opt: SLBI) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in model.named_parameters():
-        out[name] = p.detach().clone()
-        for key, value in opt.state[p].items():
-            out[f"{name}/{key}"] = value.clone()
-    return out
+state_of = snapshot
 
 
 def assert_in_flat_buffers(model: nn.Module, opt: SLBI) -> None:
-    storages = {b.params.untyped_storage().data_ptr() for b in opt._buckets}
-    grads = {b.grads.untyped_storage().data_ptr() for b in opt._buckets}
+    """One flat weight and gradient buffer per (device, dtype), state in the same dtype."""
+    params = list(model.parameters())
+    buckets = len(opt.kernels())
+    assert len(flat_storages(params)) == buckets
+    grads = [p.grad for p in params if p.grad is not None]  # None until autograd made one
+    assert len(flat_storages(grads)) <= buckets and not flat_storages(grads) & flat_storages(params)
     for name, p in model.named_parameters():
-        assert p.untyped_storage().data_ptr() in storages, name
-        assert p.grad is None or p.grad.untyped_storage().data_ptr() in grads, name
         for key in ("z", "momentum_buffer"):
             if key in opt.state[p]:
                 assert opt.state[p][key].dtype == p.dtype, (name, key)
@@ -71,11 +59,9 @@ def step_matches_reference(model: nn.Module, opt: SLBI, tol: float) -> None:
     """Give every parameter a gradient, step, and compare W and Z with the float64
     reference started from the optimizer's current W, Z and momentum."""
     gen = torch.Generator().manual_seed(5)
-    slots = {id(slot.param): slot for slot in opt._slots}
     refs, grads = {}, {}
     for name, p in model.named_parameters():
-        slot = slots[id(p)]
-        ref = RefParam(p, slot.penalty, HP)
+        ref = RefParam(p, penalty_of(opt, p), HP)
         state = opt.state[p]
         if "z" in state:
             ref.z = state["z"].double().clone()
@@ -112,7 +98,7 @@ def test_model_to_dtype_rebinds_and_state_follows(swap: bool, dtype: torch.dtype
     model.to(dtype)
     assert list(model.parameters()) == params_before or swap  # same Parameter objects
     step_matches_reference(model, opt, tol=1e-6 if dtype == torch.float64 else 2e-3)
-    assert [b.dtype for b in opt._buckets] == [dtype]
+    assert [info.dtype for info in opt.kernels()] == [dtype]
     # Z and momentum came along, cast (checked on a copy made right after the cast).
     model2, opt2 = make()
     model2.to(dtype)
@@ -121,8 +107,10 @@ def test_model_to_dtype_rebinds_and_state_follows(swap: bool, dtype: torch.dtype
     assert after.keys() == before.keys()
     for key, value in before.items():
         if key.endswith("/group_norms"):
-            z = after[key.replace("group_norms", "z")].float().reshape(3, -1)
-            assert torch.equal(after[key], torch.linalg.vector_norm(z, dim=1))  # of the cast Z
+            # Of the cast Z, in the new dtype's arithmetic (float64 for float64).
+            z = after[key.replace("group_norms", "z")].to(after[key].dtype).reshape(3, -1)
+            assert after[key].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert torch.equal(after[key], torch.linalg.vector_norm(z, dim=1))
         else:
             assert torch.equal(after[key], value.to(dtype)), key
 
@@ -138,14 +126,16 @@ def test_model_double_then_real_backward_updates_everything(swap: bool) -> None:
             forward_backward(model, opt)
         else:
             model(torch.randn(4, 1, 4, 4, dtype=torch.float64)).square().mean().backward()
-        assert all(slot.grad_seen for slot in opt._slots) or not zero_grad_first
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.step()
         for name, p in model.named_parameters():
             assert not torch.equal(p.detach(), before[name]), (zero_grad_first, name)
         assert_in_flat_buffers(model, opt)
-        forward_backward(model, opt)  # the hooks are armed again
-        assert all(slot.grad_seen for slot in opt._slots)
+        forward_backward(model, opt)  # the hooks are armed again: every parameter steps
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        for name, p in model.named_parameters():
+            assert not torch.equal(p.detach(), before[name]), (zero_grad_first, name)
 
 
 def test_load_state_dict_assign_rebinds_new_parameters(swap: bool) -> None:
@@ -194,7 +184,8 @@ def test_frozen_masks_follow_a_replaced_parameter() -> None:
     forward_backward(model, opt)
     opt.step()
     assert (model.fc.weight.detach()[pruned] == 0).all()
-    assert model.fc.weight in opt._frozen
+    fc_index = [n for n, _ in model.named_parameters()].index("fc.weight")
+    assert list(opt.state_dict()["slbi"]["frozen"]) == [fc_index]
 
 
 def test_set_data_same_and_other_dtype() -> None:
@@ -206,7 +197,7 @@ def test_set_data_same_and_other_dtype() -> None:
     assert_in_flat_buffers(model, opt)
     assert not torch.equal(model.fc.weight.detach(), new_values)  # updated from the new values
     model.conv.weight.data = model.conv.weight.detach().double()  # now two buckets
-    assert {b.dtype for b in opt._buckets} == {torch.float32}
+    assert {info.dtype for info in opt.kernels()} == {torch.float32}
     step_matches_reference_mixed(model, opt)
 
 
@@ -215,7 +206,7 @@ def step_matches_reference_mixed(model: Net, opt: SLBI) -> None:
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
-    assert {b.dtype for b in opt._buckets} == {torch.float32, torch.float64}
+    assert {info.dtype for info in opt.kernels()} == {torch.float32, torch.float64}
     assert opt.state[model.conv.weight]["z"].dtype == torch.float64
     for name, p in model.named_parameters():
         assert not torch.equal(p.detach(), before[name]), name
@@ -230,7 +221,7 @@ def test_tied_weights_are_one_entry() -> None:
     named = list(model.named_parameters())
     assert len(named) == 1
     opt = SLBI(named, backend="torch", fused=False, **HP)
-    assert len(opt._slots) == 1
+    assert len(opt.param_groups[0]["params"]) == 1
     with pytest.raises(ValueError, match="more than once"):
         SLBI([encoder.weight, decoder.weight], backend="torch")
     ref = RefParam(encoder.weight, "l1", HP)
@@ -262,13 +253,14 @@ def test_untied_by_assign_is_refused_until_tied_again() -> None:
     assert encoder.weight is not decoder.weight
     with pytest.raises(ValueError, match="replaced by 2 different Parameters"):
         opt.step()
-    assert opt._slots[0].param is not encoder.weight
-    assert torch.equal(opt._slots[0].param.detach(), before["0.weight"])
+    (held,) = opt.param_groups[0]["params"]
+    assert held is not encoder.weight
+    assert torch.equal(held.detach(), before["0.weight"])
     decoder.weight = encoder.weight  # tied again
     opt.zero_grad()
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
-    assert opt._slots[0].param is encoder.weight
+    assert opt.param_groups[0]["params"][0] is encoder.weight
     assert not torch.equal(encoder.weight.detach(), weight)
 
 
@@ -287,4 +279,4 @@ def test_shape_change_is_refused_before_anything_changes() -> None:
         if name != "fc.bias":
             for key, value in opt.state[p].items():
                 assert torch.equal(value, before[f"{name}/{key}"]), (name, key)
-    assert torch.equal(opt._slots[-1].param.detach(), before["fc.bias"])
+    assert torch.equal(opt.param_groups[0]["params"][-1].detach(), before["fc.bias"])

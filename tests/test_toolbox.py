@@ -1,4 +1,4 @@
-"""The toolbox (DESIGN.md §3–4): read-outs against a float64 reference, the regularisation
+"""The toolbox: read-outs against a float64 reference, the regularisation
 path on a real training run, pruning, W*, recover, freeze and bad input."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from slbi_triton import SLBI, functional
 from slbi_triton.recording import load_records
 from slbi_triton.toolbox import SENTINEL_EPOCH, LayerSparsity, UnknownLayerError
 
+from .helpers import assert_norms_fresh, set_z
+from .helpers import snapshot as _snapshot
 from .reference import prox_group, prox_l1, rel_err
 
 
@@ -34,14 +36,10 @@ class SmallCNN(nn.Module):
 
 
 def snapshot(model: nn.Module, opt: SLBI) -> dict[str, torch.Tensor]:
-    """Copies of every W, Z, momentum and group norm."""
-    out = {}
-    for name, p in model.named_parameters():
-        out[name] = p.detach().clone()
-        for key, value in opt.state[p].items():
-            out[f"{name}/{key}"] = value.clone()
-    for i, bucket in enumerate(opt._buckets):
-        out[f"norms{i}"] = bucket.group_norms.clone()
+    """Copies of every W, Z, momentum and group norm, and the frozen masks."""
+    out = _snapshot(model, opt)
+    for index, mask in opt.state_dict()["slbi"]["frozen"].items():
+        out[f"frozen/{index}"] = mask.clone()
     return out
 
 
@@ -49,14 +47,6 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-def assert_norms_fresh(opt: SLBI) -> None:
-    """The group norms the next step uses are those of the current Z."""
-    for bucket in opt._buckets:
-        kept = bucket.group_norms.clone()
-        bucket.refresh_group_norms()
-        assert torch.equal(kept, bucket.group_norms)
 
 
 # -- read-outs ----------------------------------------------------------------------
@@ -87,7 +77,7 @@ def test_readouts_match_float64_reference(channels_last: bool) -> None:
             ratios = [0.0, 0.3, 0.8, 1.2, 1.7, 2.5, 0.6, 1.4][: p.shape[0]]
             norms = h["lam"] * torch.tensor(ratios, dtype=torch.float64)
             z = z / z.reshape(p.shape[0], -1).norm(dim=1).view(-1, 1, 1, 1) * norms.view(-1, 1, 1, 1)
-        opt.state[p]["z"].copy_(z)
+        set_z(opt, {p: z.to(p.dtype)})
         z = opt.state[p]["z"].double()  # the reference reads the Z the optimizer holds
         prox = prox_group if p.dim() == 4 else prox_l1
         gamma = h["kappa"] * prox(z, h["lam"])
@@ -114,8 +104,7 @@ def test_readouts_match_float64_reference(channels_last: bool) -> None:
             expected_rows.append(
                 LayerSparsity(name, "l1", p.numel(), int(support.sum()), int(support.sum()) / p.numel())
             )
-    for bucket in opt._buckets:
-        bucket.refresh_group_norms()
+    assert_norms_fresh(opt)
     assert opt.sparsity() == expected_rows
     assert opt.residue() == pytest.approx(total, rel=1e-6)
     assert set(opt.masks()) == {"conv1.weight", "conv2.weight", "fc.weight"}
@@ -310,10 +299,8 @@ def make_pruning_case():
         conv_in = torch.tensor([CONV_ENTRY.get(f, 99) <= epoch for f in range(10)])
         # In the support: ‖Z_g‖ = 2λ; out: 0.5λ (Z is non-zero there too).
         conv_scale = torch.where(conv_in, 2 * LAM, 0.5 * LAM).view(-1, 1, 1, 1)
-        opt.state[model.conv.weight]["z"].copy_(conv_z_dir * conv_scale)
-        opt.state[model.fc.weight]["z"].copy_(fc_sign * torch.where(fc_entry <= epoch, 2 * LAM, 0.5 * LAM))
-        for bucket in opt._buckets:
-            bucket.refresh_group_norms()
+        fc_z = fc_sign * torch.where(fc_entry <= epoch, 2 * LAM, 0.5 * LAM)
+        set_z(opt, {model.conv.weight: conv_z_dir * conv_scale, model.fc.weight: fc_z})
         opt.update_order(epoch)
     conv_entry = torch.tensor([CONV_ENTRY.get(f, SENTINEL_EPOCH) for f in range(10)])
     fc_entry = torch.where(fc_entry == 3, SENTINEL_EPOCH, fc_entry)
@@ -498,7 +485,8 @@ def test_bad_input_clear_errors_nothing_changed(tmp_path) -> None:
     with pytest.raises(ValueError, match="update_order"):
         opt.prune_layer(50, ["conv.weight", "extra.weight"])
     assert_same(snapshot(model, opt), before)
-    assert opt._snapshot is None
+    with pytest.raises(ValueError, match="nothing to recover"):
+        opt.recover()
 
 
 def test_names_required_and_unambiguous(tmp_path) -> None:

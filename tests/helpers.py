@@ -1,0 +1,229 @@
+"""Shared test helpers: small networks, public-API snapshots, and flat buckets built on
+plain tensors for the kernel tests (no optimizer involved)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+from slbi_triton.kernels import abi, ops
+from torch import Tensor, nn
+
+from slbi_triton import SLBI, functional
+from slbi_triton.validation import resolve_penalty
+
+HPARAMS = {"lr": 0.07, "kappa": 1.5, "mu": 3.0, "lam": 0.5, "momentum": 0.8, "dampening": 0.2,
+           "weight_decay": 1e-2}
+
+
+# -- networks ------------------------------------------------------------------------------
+
+
+class SmallNet(nn.Module):
+    """conv 1→3 (3×3, group penalty), fc 12→2 (l1), biases (none), on 1×4×4 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 2 * 2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+    @staticmethod
+    def inputs(
+        batch: int = 4, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return torch.randn(batch, 1, 4, 4, dtype=dtype, generator=generator)
+
+
+class OddNet(nn.Module):
+    """Conv (7×3×5×5), BatchNorm, linear (17×175, 13×17), biases, a 1-element scale and a
+    parameter that never gets a gradient, on 3×9×9 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 7, 5)
+        self.bn = nn.BatchNorm2d(7)
+        self.fc1 = nn.Linear(175, 17)
+        self.fc2 = nn.Linear(17, 13)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.unused = nn.Parameter(torch.randn(5))
+        with torch.no_grad():
+            # Spread the filter norms so that a middle λ selects some filters only.
+            self.conv.weight.mul_(torch.linspace(0.0, 3.0, 7).view(7, 1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn(self.conv(x))).flatten(1)
+        return self.fc2(torch.tanh(self.fc1(h))) * self.scale
+
+
+def train_steps(model: nn.Module, opt: SLBI, steps: int, inputs, seed: int = 1) -> None:
+    """``steps`` steps of ``mean(model(x)²)`` on ``inputs(generator=...)`` batches."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(inputs(generator=generator)).square().mean().backward()
+        opt.step()
+
+
+# -- the optimizer through its public API --------------------------------------------------
+
+
+def penalty_of(opt: SLBI, param: Tensor) -> str:
+    """The penalty ``param`` gets in ``opt`` (its group's, resolved)."""
+    group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+    return resolve_penalty(group["penalty"], param)
+
+
+def snapshot(model: nn.Module, opt: SLBI) -> dict[str, Tensor]:
+    """Every weight and state tensor by ``name`` and ``name/key``, copied."""
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = p.detach().clone()
+        for key, value in opt.state[p].items():
+            out[f"{name}/{key}"] = value.clone()
+    return out
+
+
+def assert_equal_snapshots(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def flat_storages(tensors: Sequence[Tensor]) -> set[int]:
+    """The distinct storages (by address) the tensors are views into."""
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+# -- flat buckets on plain tensors, for the kernel tests -----------------------------------
+
+
+@dataclass
+class Span:
+    """One parameter's place in a test bucket (an ``abi.SlotSpan``)."""
+
+    offset: int
+    numel: int
+    penalty: str
+    num_groups: int
+    group_size: int
+    group_index: int = 0
+    norm_offset: int = 0
+
+
+def layout(shapes: Sequence[tuple[int, ...]], penalties: Sequence[str]) -> tuple[list[Span], int, int]:
+    """Spans laid out as the optimizer lays them out (every one 16-element aligned); the
+    bucket's length and number of group norms."""
+    spans, offset, norms = [], 0, 0
+    for shape, penalty in zip(shapes, penalties, strict=True):
+        numel = math.prod(shape)
+        groups = shape[0] if penalty == "group" else 0
+        spans.append(Span(offset, numel, penalty, groups, numel // shape[0] if groups else 0, 0, norms))
+        offset = -(-(offset + numel) // abi.SLOT_ALIGNMENT) * abi.SLOT_ALIGNMENT
+        norms += groups
+    return spans, offset, norms
+
+
+@dataclass
+class Bucket:
+    """The op's arguments for one bucket (``torch.ops.slbi_triton.bucket_step``)."""
+
+    params: Tensor
+    grads: Tensor
+    z: Tensor
+    momentum: Tensor | None
+    group_norms: Tensor
+    chunks: Tensor
+    slot_flags: Tensor
+    hparams: Tensor
+    rng: Tensor
+    inv_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+    stochastic_rounding: bool = False
+    spans: list[Span] = field(default_factory=list)
+
+    def clone(self) -> Bucket:
+        values = (getattr(self, f.name) for f in fields(self))
+        return Bucket(*(v.clone() if isinstance(v, Tensor) else v for v in values))
+
+    def outputs(self) -> list[Tensor]:
+        """What a step writes: W, Z, v, the group norms and the step counter."""
+        return [t for t in (self.params, self.z, self.momentum, self.group_norms, self.rng) if t is not None]
+
+    def run(self, kernel: str) -> None:
+        """One step with ``kernel``: ``"c"``, ``"triton"`` (interpreted on CPU buffers),
+        ``"cuda"`` (the op on CUDA buffers) or ``"reference"``."""
+        args = [getattr(self, f.name) for f in fields(self)][:-1]
+        if kernel == "reference":
+            functional.bucket_step_reference(*args)
+        else:
+            ops.bucket_step(*args, kernel == "triton")
+
+
+def random_bucket(
+    shapes: Sequence[tuple[int, ...]],
+    penalties: Sequence[str],
+    dtype: torch.dtype = torch.float32,
+    state_dtype: torch.dtype | None = None,
+    geometry: abi.Geometry = abi.CPU_GEOMETRY,
+    hparams: dict[str, float] | None = None,
+    momentum_ready: bool = True,
+    seed: int = 0,
+) -> Bucket:
+    """A bucket of random W, g, Z, v (zero padding), group norms of Z spread so that some
+    filters are in the support and some not, every parameter active."""
+    spans, numel, num_norms = layout(shapes, penalties)
+    generator = torch.Generator().manual_seed(seed)
+    state_dtype = state_dtype or dtype
+    buffers = [torch.zeros(numel, dtype=torch.float64) for _ in range(4)]
+    lam = (hparams or HPARAMS)["lam"]
+    for span in spans:
+        for buffer in buffers:
+            buffer[span.offset : span.offset + span.numel] = torch.randn(span.numel, generator=generator)
+        if span.penalty == "group":  # ‖Z_g‖ spread over [0, 2λ]
+            rows = buffers[2][span.offset : span.offset + span.numel].view(span.num_groups, -1)
+            rows.mul_(torch.linspace(0, 2 * lam, span.num_groups)[:, None] / rows.norm(dim=1, keepdim=True))
+    params, grads = (b.to(dtype) for b in buffers[:2])
+    z, momentum = (b.to(state_dtype) for b in buffers[2:])
+    norms = torch.zeros(num_norms, dtype=abi.norm_dtype(dtype))
+    for span in spans:
+        if span.penalty == "group":
+            rows = z[span.offset : span.offset + span.numel].view(span.num_groups, -1)
+            norm_rows = norms[span.norm_offset : span.norm_offset + span.num_groups]
+            functional.refresh_group_norms_(rows, norm_rows)
+    flags = abi.flag_words([True] * len(spans), [momentum_ready] * len(spans))
+    return Bucket(
+        params, grads, z, momentum, norms,
+        abi.chunk_table(spans, geometry, numel, num_norms),
+        torch.tensor(flags, dtype=torch.int32),
+        abi.hparam_table_traced([{**HPARAMS, **(hparams or {})}], torch.device("cpu")),
+        torch.tensor([12345, 0], dtype=torch.int64),
+        stochastic_rounding=state_dtype == torch.bfloat16 and dtype != torch.bfloat16,
+        spans=spans,
+    )
+
+
+def set_z(opt: SLBI, values: dict[Tensor, Tensor]) -> None:
+    """Give parameters a new Z through the public state dict (so that their group norms
+    are recomputed on load, as for any edited checkpoint)."""
+    state_dict = opt.state_dict()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for param, z in values.items():
+        entry = state_dict["state"].setdefault(next(i for i, p in enumerate(params) if p is param), {})
+        entry["z"] = z.clone()
+        entry.pop("group_norms", None)
+    opt.load_state_dict(state_dict)
+
+
+def assert_norms_fresh(opt: SLBI) -> None:
+    """The group norms the next step uses are those of the current Z."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            state = opt.state[param]
+            if "group_norms" in state:
+                rows = state["z"].reshape(param.shape[0], -1).to(state["group_norms"].dtype)
+                assert torch.allclose(state["group_norms"], torch.linalg.vector_norm(rows, dim=1), rtol=1e-6)

@@ -1,0 +1,263 @@
+"""The C kernel (the CPU implementation of ``slbi_triton::bucket_step``) on plain tensors:
+against the torch reference over a grid of shapes and dtypes, float64 against the
+independent float64 reference, its launcher's checks, its build and the fallback when no
+compiler works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from slbi_triton.kernels import abi, cpu_step, ops
+from torch import nn
+
+from slbi_triton import SLBI
+
+from .helpers import HPARAMS, random_bucket
+from .reference import RefParam, rel_err
+
+pytestmark = pytest.mark.skipif(
+    not cpu_step.available(torch.float32), reason="no C compiler: the CPU step falls back to Inductor"
+)
+
+# Odd sizes: a 1-element tensor, ragged l1 tails, tiny and long groups, a 3-D group
+# tensor, a 1×1 conv, an l1 tensor longer than one chunk, empty tensors.
+SHAPES = [(1,), (7,), (13, 17), (3, 1000), (7, 3, 5, 5), (5, 4, 2), (3, 300), (9, 600, 1, 1), (33,),
+          (300, 250), (0,)]
+PENALTIES = ["none", "none", "l1", "l1", "group", "group", "l1", "group", "none", "l1", "none"]
+# (parameter dtype, state dtype): the kernel's three builds.
+BUILDS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("ready", [True, False], ids=["momentum-ready", "first-step"])
+@pytest.mark.parametrize(("dtype", "state_dtype"), BUILDS, ids=["fp32", "fp64", "fp32-bf16-state"])
+def test_matches_torch_reference(dtype: torch.dtype, state_dtype: torch.dtype, ready: bool) -> None:
+    """Bit for bit on W, Z, v (stochastic rounding included: the same hash); the group
+    norms are sums in another order, so within a few ulps (and then handed over, so that
+    every step is compared from the same inputs)."""
+    bucket = random_bucket(SHAPES, PENALTIES, dtype, state_dtype, momentum_ready=ready)
+    expected = bucket.clone()
+    for _ in range(3):
+        bucket.run("c")
+        expected.run("reference")
+        for got, want in ((bucket.params, expected.params), (bucket.z, expected.z),
+                          (bucket.momentum, expected.momentum)):
+            assert torch.equal(got, want)
+        norms = bucket.group_norms
+        assert torch.allclose(norms, expected.group_norms, rtol=4 * torch.finfo(norms.dtype).eps, atol=0)
+        expected.group_norms.copy_(norms)
+    assert bucket.rng.tolist() == [12345, 3] == expected.rng.tolist()
+
+
+def test_float64_matches_float64_reference() -> None:
+    """The float64 build against the independent float64 reference: ≤ 1e-12."""
+    shapes, penalties = SHAPES[:9], PENALTIES[:9]
+    bucket = random_bucket(shapes, penalties, torch.float64)
+    refs = []
+    for span, shape in zip(bucket.spans, shapes, strict=True):
+        part = slice(span.offset, span.offset + span.numel)
+        ref = RefParam(bucket.params[part].view(shape), span.penalty, HPARAMS)
+        ref.z, ref.v = bucket.z[part].view(shape).clone(), bucket.momentum[part].view(shape).clone()
+        refs.append((part, shape, ref))
+    for _ in range(4):
+        for part, shape, ref in refs:
+            ref.step(bucket.grads[part].view(shape))
+        bucket.run("c")
+    for part, shape, ref in refs:
+        assert rel_err(bucket.params[part].view(shape), ref.w) <= 1e-12
+        if ref.penalty != "none":
+            assert rel_err(bucket.z[part].view(shape), ref.z) <= 1e-12
+
+
+def test_thread_count_does_not_change_the_result() -> None:
+    """Every chunk owns whole rows: 1 and 2 threads write the same bits."""
+    results = []
+    for threads in (1, 2):
+        bucket = random_bucket(SHAPES, PENALTIES, seed=3)
+        for _ in range(3):
+            cpu_step.launch(*[getattr(bucket, k) for k in _ARGS], False, num_threads=threads)
+        results.append(bucket.outputs())
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+_ARGS = ("params", "grads", "z", "momentum", "group_norms", "chunks", "slot_flags", "hparams", "rng",
+         "inv_scale", "found_inf")
+
+
+def test_found_inf_writes_nothing_and_inv_scale_unscales() -> None:
+    bucket = random_bucket(SHAPES, PENALTIES, seed=4)
+    before = bucket.clone()
+    bucket.found_inf = torch.ones(1)
+    bucket.run("c")
+    for a, b in zip(bucket.outputs(), before.outputs(), strict=True):
+        assert torch.equal(a, b)  # the step counter too
+    # Gradients scaled by 1024 and read with inv_scale = 1/1024 give the unscaled step.
+    scaled = before.clone()
+    scaled.grads.mul_(1024.0)
+    scaled.inv_scale, scaled.found_inf = torch.full((1,), 1 / 1024), torch.zeros(1)
+    scaled.run("c")
+    before.run("c")
+    for a, b in zip(scaled.outputs(), before.outputs(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_inactive_parameters_are_left_alone() -> None:
+    bucket = random_bucket(SHAPES, PENALTIES, seed=5)
+    before = bucket.clone()
+    bucket.slot_flags.zero_()
+    bucket.run("c")
+    for a, b in zip(bucket.outputs()[:-1], before.outputs()[:-1], strict=True):
+        assert torch.equal(a, b)
+    assert int(bucket.rng[abi.RNG_STEP]) == 1  # an idle step is still counted
+
+
+@pytest.mark.parametrize(
+    ("field", "change", "message"),
+    [
+        ("grads", lambda t: t.double(), r"grads must be a contiguous CPU tensor of torch\.float32"),
+        ("z", lambda t: t[:-1], "z must have"),
+        ("group_norms", lambda t: t.double(),
+         r"group_norms must be a contiguous CPU tensor of torch\.float32"),
+        ("hparams", lambda t: t.float(), r"hparams must be a contiguous CPU tensor of torch\.float64"),
+        ("chunks", lambda t: t[:, :3].contiguous(),
+         rf"chunks must have shape \(num_chunks, {abi.CHUNK_FIELDS}\)"),
+        ("rng", lambda t: t[:1], "rng must have 2 elements"),
+    ],
+)
+def test_launcher_refuses_bad_buffers(field: str, change, message: str) -> None:
+    bucket = random_bucket(SHAPES, PENALTIES, seed=6)
+    setattr(bucket, field, change(getattr(bucket, field)))
+    with pytest.raises(ValueError, match=message):
+        bucket.run("c")
+
+
+def test_stochastic_rounding_needs_bfloat16_state() -> None:
+    bucket = random_bucket(SHAPES, PENALTIES, seed=6)
+    bucket.stochastic_rounding = True
+    with pytest.raises(ValueError, match="without stochastic rounding"):
+        bucket.run("c")
+
+
+def test_launcher_refuses_chunks_outside_the_buffers() -> None:
+    bucket = random_bucket(SHAPES, PENALTIES, seed=7)
+    edits = [
+        (abi.CHUNK_ROW_LEN, 1 << 30),  # a group row far past the end
+        (abi.CHUNK_START, -1),
+        (abi.CHUNK_SLOT, bucket.slot_flags.numel()),
+        (abi.CHUNK_HPARAM_ROW, bucket.hparams.shape[0]),
+        (abi.CHUNK_PENALTY, 7),
+        (abi.CHUNK_NORM_OFFSET, bucket.group_norms.numel()),
+    ]
+    group_chunk = int((bucket.chunks[:, abi.CHUNK_PENALTY] == abi.PENALTY_CODES["group"]).nonzero()[0])
+    for column, value in edits:
+        bad = bucket.clone()
+        bad.chunks[group_chunk, column] = value
+        message = rf"chunk {group_chunk} .* reaches outside the buffers or tables"
+        with pytest.raises(ValueError, match=message):
+            bad.run("c")
+        for a, b in zip(bad.outputs(), bucket.outputs(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_int64_chunk_table() -> None:
+    """Tables past 2**31 elements are int64: the kernel reads both widths alike."""
+    narrow = random_bucket(SHAPES, PENALTIES, seed=8)
+    wide = narrow.clone()
+    wide.chunks = wide.chunks.long()
+    narrow.run("c")
+    wide.run("c")
+    for a, b in zip(narrow.outputs(), wide.outputs(), strict=True):
+        assert torch.equal(a, b)
+
+
+# -- the build ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """Build into an empty cache folder; forget the loaded libraries before and after."""
+    monkeypatch.setenv("SLBI_TRITON_CACHE_DIR", str(tmp_path))
+    cpu_step._library.cache_clear()
+    yield tmp_path
+    cpu_step._library.cache_clear()
+
+
+def _train(fused: bool | None = True) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(s)) for s in [(7, 3, 5, 5), (13, 17), (9,)]]
+    opt = SLBI(params, backend="torch", fused=fused, **HPARAMS)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_build_is_cached_on_disk(fresh_build) -> None:
+    assert cpu_step.available(torch.float32)
+    built = sorted(fresh_build.glob("slbi_step_cpu_float_*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu_step._library.cache_clear()
+    assert cpu_step.available(torch.float32)
+    assert sorted(fresh_build.glob("*.so")) == built and built[0].stat().st_mtime_ns == stamp
+    assert cpu_step.available(torch.float32, torch.bfloat16)
+    assert len(sorted(fresh_build.glob("slbi_step_cpu_float_bf16_*.so"))) == 1
+
+
+@pytest.mark.parametrize("how", ["no-compiler", "unwritable-cache"])
+def test_without_a_build_the_step_falls_back(fresh_build, monkeypatch, caplog, how: str) -> None:
+    expected = _train(fused=False)
+    if how == "no-compiler":
+        monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
+    else:
+        monkeypatch.setenv("SLBI_TRITON_CACHE_DIR", "/proc/no-such-folder/slbi")  # mkdir fails
+    assert not cpu_step.available(torch.float32)
+    assert "cannot build the C kernel" in caplog.text
+    torch.manual_seed(0)
+    opt = SLBI([nn.Parameter(torch.randn(3, 3))], backend="torch")
+    assert [info.kernel for info in opt.kernels()] == ["inductor"]
+    for a, b in zip(_train(), expected, strict=True):  # Inductor instead, no exception
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_compiler_command_with_arguments(fresh_build, monkeypatch) -> None:
+    compiler = cpu_step._compiler()
+    monkeypatch.setenv("CC", f"{compiler[0]} -DSLBI_UNUSED_DEFINE=1")  # e.g. CC="ccache gcc"
+    assert cpu_step.available(torch.float32)
+
+
+def test_compiler_without_openmp_builds_once(fresh_build, monkeypatch) -> None:
+    """A compiler that refuses -fopenmp gets a single-threaded kernel, and a later process
+    loads it from the cache without trying -fopenmp again."""
+    log = fresh_build / "calls.log"
+    wrapper = fresh_build / "cc-without-openmp"
+    real = cpu_step._compiler()[0]
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{log}"\n'
+        'case " $* " in *" -fopenmp "*) exit 1 ;; esac\n'
+        f'exec "{real}" "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert cpu_step.available(torch.float32)
+    builds = [line for line in log.read_text().splitlines() if "-shared" in line]
+    assert len(builds) == 2 and "-fopenmp" in builds[0] and "-fopenmp" not in builds[1]
+    cpu_step._library.cache_clear()  # as a new process would
+    assert cpu_step.available(torch.float32)
+    assert len([line for line in log.read_text().splitlines() if "-shared" in line]) == 2
+    bucket = random_bucket(SHAPES, PENALTIES)
+    expected = bucket.clone()
+    bucket.run("c")
+    expected.run("reference")
+    assert torch.equal(bucket.params, expected.params)
+
+
+def test_the_op_on_the_cpu_is_the_c_kernel(monkeypatch) -> None:
+    calls = []
+    launch = cpu_step.launch
+    monkeypatch.setattr(cpu_step, "launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    bucket = random_bucket(SHAPES[:3], PENALTIES[:3])
+    ops.bucket_step(*[getattr(bucket, k) for k in _ARGS], False, False)
+    assert calls == [1]

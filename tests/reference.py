@@ -1,4 +1,4 @@
-"""An independent float64 reference of DESIGN.md §1, written for the tests only.
+"""An independent float64 reference of the update in docs/design.md, written for the tests only.
 
 It deliberately shares no code with the package: per parameter, plain float64 tensors,
 the equations as printed in the design contract.

@@ -149,11 +149,9 @@ def _library(dtype: torch.dtype, state_dtype: torch.dtype) -> ctypes.CDLL | None
         return None
     step = library.slbi_bucket_step
     pointer = ctypes.c_void_p
-    step.argtypes = [pointer] * 6 + [ctypes.c_int, ctypes.c_int64] + [pointer] * 5 + [ctypes.c_int]
-    step.restype = ctypes.c_int
-    check = library.slbi_check_chunks
-    check.argtypes = [pointer, ctypes.c_int] + [ctypes.c_int64] * 5
-    check.restype = ctypes.c_int64
+    step.argtypes = [pointer] * 6 + [ctypes.c_int, ctypes.c_int64] + [pointer] * 5 + [ctypes.c_int64] * 4
+    step.argtypes += [ctypes.c_int]
+    step.restype = ctypes.c_int64
     return library
 
 
@@ -199,7 +197,8 @@ def launch(
             f"the C kernel stores {state_dtype} state of a {params.dtype} bucket "
             f"{'with' if state_dtype == torch.bfloat16 else 'without'} stochastic rounding"
         )
-    library = _library(params.dtype, state_dtype) if available(params.dtype, state_dtype) else None
+    built = state_dtype in STATE_DTYPES.get(params.dtype, ())
+    library = _library(params.dtype, state_dtype) if built else None
     if library is None:
         raise RuntimeError(
             f"the SLBI CPU kernel is not available for {params.dtype} with {state_dtype} state"
@@ -225,21 +224,17 @@ def launch(
     if hparams.dim() != 2 or hparams.shape[1] != abi.HPARAM_FIELDS:
         shape = tuple(hparams.shape)
         raise ValueError(f"hparams must have shape (num_groups, {abi.HPARAM_FIELDS}), got {shape}")
-    bad = library.slbi_check_chunks(
-        chunks.data_ptr(), int(chunks.dtype == torch.int64), chunks.shape[0],
-        numel, slot_flags.numel(), hparams.shape[0], group_norms.numel(),
-    )
-    if bad >= 0:
-        raise ValueError(f"chunk {bad} {chunks[bad].tolist()} reaches outside the buffers or tables")
-    pointers = [None if t is None else t.data_ptr() for t in (params, grads, z, momentum, group_norms)]
-    threads = num_threads if num_threads is not None else torch.get_num_threads()
-    library.slbi_bucket_step(
-        *pointers, chunks.data_ptr(), int(chunks.dtype == torch.int64), chunks.shape[0],
+    bad = library.slbi_bucket_step(
+        params.data_ptr(), grads.data_ptr(), z.data_ptr(), None if momentum is None else momentum.data_ptr(),
+        group_norms.data_ptr(), chunks.data_ptr(), chunks.dtype == torch.int64, chunks.shape[0],
         slot_flags.data_ptr(), hparams.data_ptr(), rng.data_ptr(),
         None if inv_scale is None else inv_scale.data_ptr(),
         None if found_inf is None else found_inf.data_ptr(),
-        threads,
+        numel, slot_flags.numel(), hparams.shape[0], group_norms.numel(),
+        num_threads if num_threads is not None else torch.get_num_threads(),
     )
+    if bad >= 0:  # checked before anything was written
+        raise ValueError(f"chunk {bad} {chunks[bad].tolist()} reaches outside the buffers or tables")
 
 
 def _check_buffers(*buffers: tuple[Tensor | None, str, torch.dtype, int | None]) -> None:
@@ -247,12 +242,14 @@ def _check_buffers(*buffers: tuple[Tensor | None, str, torch.dtype, int | None])
     (and size, where one is given); ``None`` only for the optional ones."""
     for tensor, name, dtype, numel in buffers:
         if tensor is None:
-            if name in ("momentum", "inv_scale", "found_inf"):
-                continue
-            raise ValueError(f"{name} is required")
-        if tensor.device.type != "cpu" or tensor.dtype != dtype or not tensor.is_contiguous():
+            if name not in _OPTIONAL:
+                raise ValueError(f"{name} is required")
+        elif not tensor.is_cpu or tensor.dtype != dtype or not tensor.is_contiguous():
             raise ValueError(
                 f"{name} must be a contiguous CPU tensor of {dtype}, got {tensor.dtype} on {tensor.device}"
             )
-        if numel is not None and tensor.numel() != numel:
+        elif numel is not None and tensor.numel() != numel:
             raise ValueError(f"{name} must have {numel} elements, got {tensor.numel()}")
+
+
+_OPTIONAL = frozenset(("momentum", "inv_scale", "found_inf"))

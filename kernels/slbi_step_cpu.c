@@ -166,9 +166,9 @@ static inline int64_t field(const void *chunks, int wide, int64_t k, int f)
 }
 
 /* The first chunk that reaches outside the buffers or tables, or -1: checked before the
- * step writes anything. An l1/"none" chunk's rows may run past its tensor (the span is
+ * step writes anything (static: the step calls it). An l1/"none" chunk's rows may run past its tensor (the span is
  * cut at CHUNK_END); a group chunk's rows may not. */
-int64_t slbi_check_chunks(const void *chunks, int wide, int64_t num_chunks, int64_t numel,
+static int64_t slbi_check_chunks(const void *chunks, int wide, int64_t num_chunks, int64_t numel,
                           int64_t num_slots, int64_t num_groups, int64_t num_norms)
 {
     for (int64_t k = 0; k < num_chunks; ++k) {
@@ -190,14 +190,20 @@ int64_t slbi_check_chunks(const void *chunks, int wide, int64_t num_chunks, int6
 
 /* Updates the bucket and counts the step (rng[RNG_STEP] += 1), or does nothing when
  * *found_inf != 0 (inf/NaN gradients under torch.amp.GradScaler). inv_scale and found_inf
- * may be NULL; chunks are int64 when wide_chunks, else int32. */
-int slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v, scalar_t *norms,
-                     const void *chunks, int wide_chunks, int64_t num_chunks, const int32_t *slot_flags,
-                     const double *hparams, int64_t *rng, const float *inv_scale, const float *found_inf,
-                     int num_threads)
+ * may be NULL; chunks are int64 when wide_chunks, else int32. Returns -1, or the index of
+ * the first chunk that reaches outside the buffers (then nothing was written). */
+int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v, scalar_t *norms,
+                         const void *chunks, int wide_chunks, int64_t num_chunks, const int32_t *slot_flags,
+                         const double *hparams, int64_t *rng, const float *inv_scale, const float *found_inf,
+                         int64_t numel, int64_t num_slots, int64_t num_groups, int64_t num_norms,
+                         int num_threads)
 {
+    const int64_t bad = slbi_check_chunks(chunks, wide_chunks, num_chunks, numel, num_slots, num_groups,
+                                          num_norms);
+    if (bad >= 0)
+        return bad;
     if (found_inf != 0 && *found_inf != 0.0f)
-        return 0;
+        return -1;
     const scalar_t scale = inv_scale != 0 ? (scalar_t)*inv_scale : (scalar_t)1;
     const uint32_t seed = (uint32_t)rng[RNG_SEED], step = (uint32_t)rng[RNG_STEP];
 #pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads) if (num_threads > 1)
@@ -245,5 +251,5 @@ int slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v, sca
 #undef UPDATE
     }
     rng[RNG_STEP] += 1;
-    return 0;
+    return -1;
 }

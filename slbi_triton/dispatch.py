@@ -55,18 +55,24 @@ class HparamTables:
     changed; built with device ops when a value is a tensor or the step is traced."""
 
     def __init__(self) -> None:
-        self._cache: dict[torch.device, tuple[tuple[float, ...], Tensor]] = {}
+        self._cache: dict[torch.device, tuple[tuple[Any, ...], Tensor]] = {}
 
     def get(self, groups: Sequence[Mapping[str, Any]], device: torch.device) -> Tensor:
-        rows = None if torch.compiler.is_compiling() else abi.hparam_values(groups)
-        if rows is None:
+        if torch.compiler.is_compiling():
             return abi.hparam_table_traced(groups, device)
-        key = tuple(value for row in rows for value in row)
+        values = tuple(group[key] for group in groups for key in _KEYS)
+        if any(isinstance(value, Tensor) for value in values):
+            return abi.hparam_table_traced(groups, device)  # read on the device, never cached
         cached = self._cache.get(device)
-        if cached is None or cached[0] != key:
-            cached = (key, torch.tensor(rows, dtype=torch.float64).to(device))
-            self._cache[device] = cached
-        return cached[1]
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        rows = abi.hparam_values(groups)
+        table = torch.tensor(rows, dtype=torch.float64).to(device)
+        self._cache[device] = (values, table)
+        return table
+
+
+_KEYS = tuple(abi.HPARAM_KEYS.values())
 
 
 class FusedKernel:

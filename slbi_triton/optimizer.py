@@ -433,19 +433,19 @@ class SLBI(Optimizer):
     def _validate_groups(self) -> None:
         """Validate hyper-parameters and penalties edited in ``param_groups``; a group
         whose values are plain numbers that were valid last step is not checked again."""
-        keys = (*HYPERPARAMETERS, "penalty")
         for group_index, group in enumerate(self.param_groups):
+            values = tuple(map(group.__getitem__, _VALIDATED_KEYS))
+            types = tuple(map(type, values))
+            plain = not any(issubclass(kind, Tensor) for kind in types)  # tensors: checked every step
             # With the types: False == 0 and 1 == True, but a bool is not a valid value.
-            values = tuple((type(group[key]), group[key]) for key in keys)
-            values += (id(group["params"]), len(group["params"]))
-            plain = not any(isinstance(group[key], Tensor) for key in keys)
-            if plain and self._valid_groups.get(group_index) == values:
+            seen = (values, types, id(group["params"]), len(group["params"]))
+            if plain and self._valid_groups.get(group_index) == seen:
                 continue
             where = f"param group {group_index}"
             check_hyperparameters(group, where, read_device=False)
             check_group_penalty(group["penalty"], group["params"], where)
             if plain:
-                self._valid_groups[group_index] = values
+                self._valid_groups[group_index] = seen
 
     def _apply_group_changes(self) -> None:
         """Re-lay the buffers when a group's penalty changed (validated before)."""
@@ -612,6 +612,7 @@ class SLBI(Optimizer):
     unfreeze = _toolbox_method("_pruner", Pruner.unfreeze)
 
 
+_VALIDATED_KEYS = (*HYPERPARAMETERS, "penalty")
 # Loaded state kept in its saved dtype (see load_state_dict).
 _EXACT_STATE_KEYS = ("z", "momentum_buffer", "group_norms")
 

@@ -34,7 +34,8 @@ def test_stochastic_rounding_is_unbiased_where_nearest_stalls() -> None:
     nearest = torch.ones(count, dtype=torch.bfloat16)
     exact = torch.ones(count, dtype=torch.float32)
     for step in range(steps):
-        stochastic = functional.round_bf16_stochastic(stochastic.float() + increment, bits(step, count) & 0xFFFF)
+        random16 = bits(step, count) & 0xFFFF
+        stochastic = functional.round_bf16_stochastic(stochastic.float() + increment, random16)
         nearest = (nearest.float() + increment).bfloat16()
         exact = exact + increment
     assert torch.equal(nearest, torch.ones_like(nearest))
@@ -111,7 +112,8 @@ def build(kernel: str = "c", state_dtype: torch.dtype | None = torch.bfloat16) -
 def train(model: OddNet, opt: SLBI, steps: range) -> None:
     for step in steps:
         opt.zero_grad()
-        model(torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(step))
+        model(x).square().mean().backward()
         opt.step()
 
 
@@ -155,8 +157,9 @@ def test_checkpoint_moves_between_float32_and_bfloat16_state() -> None:
     float_opt.load_state_dict(saved)
     for p, q in zip(model.parameters(), float_model.parameters(), strict=True):
         for key, value in opt.state[p].items():
-            assert float_opt.state[q][key].dtype == (q.dtype if key in ("z", "momentum_buffer") else value.dtype)
-            assert torch.equal(float_opt.state[q][key].to(value.dtype), value), key  # bfloat16 is exact in float32
+            loaded = float_opt.state[q][key]
+            assert loaded.dtype == (q.dtype if key in ("z", "momentum_buffer") else value.dtype)
+            assert torch.equal(loaded.to(value.dtype), value), key  # bfloat16 is exact in float32
     train(float_model, float_opt, range(3, 4))
     back_model, back = build(state_dtype=torch.bfloat16)
     back_model.load_state_dict(float_model.state_dict())
@@ -213,7 +216,8 @@ def test_compiled_step_compiles_twice() -> None:
     torch._dynamo.reset()
     for index in range(6):
         opt.zero_grad()
-        model(torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(index))).square().mean().backward()
+        x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(index))
+        model(x).square().mean().backward()
         step()
     torch._dynamo.reset()
     assert counter.frame_count == 2
@@ -229,7 +233,7 @@ def test_float64_parameters_keep_float64_state() -> None:
 
 
 def test_bad_state_dtype_is_refused() -> None:
-    with pytest.raises(ValueError, match="state_dtype must be None .* or torch.bfloat16, got torch.float16"):
+    with pytest.raises(ValueError, match=r"state_dtype must be None .* or torch\.bfloat16, got torch\.float16"):
         SLBI([nn.Parameter(torch.zeros(2))], state_dtype=torch.float16)
     with pytest.raises(TypeError, match="seed must be an int"):
         SLBI([nn.Parameter(torch.zeros(2))], seed=1.5)

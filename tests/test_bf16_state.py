@@ -233,7 +233,8 @@ def test_float64_parameters_keep_float64_state() -> None:
 
 
 def test_bad_state_dtype_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"state_dtype must be None .* or torch\.bfloat16, got torch\.float16"):
+    message = r"state_dtype must be None .* or torch\.bfloat16, got torch\.float16"
+    with pytest.raises(ValueError, match=message):
         SLBI([nn.Parameter(torch.zeros(2))], state_dtype=torch.float16)
     with pytest.raises(TypeError, match="seed must be an int"):
         SLBI([nn.Parameter(torch.zeros(2))], seed=1.5)

@@ -191,25 +191,14 @@ def launch(
         RuntimeError: if the kernel is not available for these dtypes (see :func:`available`).
         ValueError: if a buffer or a chunk does not fit the ABI.
     """
-    state_dtype = z.dtype
-    if stochastic_rounding != (state_dtype == torch.bfloat16 != params.dtype):
-        raise ValueError(
-            f"the C kernel stores {state_dtype} state of a {params.dtype} bucket "
-            f"{'with' if state_dtype == torch.bfloat16 else 'without'} stochastic rounding"
-        )
-    built = state_dtype in STATE_DTYPES.get(params.dtype, ())
-    library = _library(params.dtype, state_dtype) if built else None
-    if library is None:
-        raise RuntimeError(
-            f"the SLBI CPU kernel is not available for {params.dtype} with {state_dtype} state"
-        )
+    library = _library_for(params.dtype, z.dtype, stochastic_rounding)
     numel = params.numel()
     norm_dtype = abi.norm_dtype(params.dtype)
     _check_buffers(
         (params, "params", params.dtype, numel),
         (grads, "grads", params.dtype, numel),
-        (z, "z", state_dtype, numel),
-        (momentum, "momentum", state_dtype, numel),
+        (z, "z", z.dtype, numel),
+        (momentum, "momentum", z.dtype, numel),
         (group_norms, "group_norms", norm_dtype, None),
         (chunks, "chunks", chunks.dtype if chunks.dtype in (torch.int32, torch.int64) else torch.int64, None),
         (slot_flags, "slot_flags", torch.int32, None),
@@ -235,6 +224,20 @@ def launch(
     )
     if bad >= 0:  # checked before anything was written
         raise ValueError(f"chunk {bad} {chunks[bad].tolist()} reaches outside the buffers or tables")
+
+
+def _library_for(dtype: torch.dtype, state_dtype: torch.dtype, stochastic_rounding: bool) -> ctypes.CDLL:
+    """The build for a bucket of ``dtype`` with ``state_dtype`` state; bfloat16 state of
+    a wider bucket is stored with stochastic rounding, any other state without."""
+    if stochastic_rounding != (state_dtype == torch.bfloat16 != dtype):
+        raise ValueError(
+            f"the C kernel stores {state_dtype} state of a {dtype} bucket "
+            f"{'with' if state_dtype == torch.bfloat16 else 'without'} stochastic rounding"
+        )
+    library = _library(dtype, state_dtype) if state_dtype in STATE_DTYPES.get(dtype, ()) else None
+    if library is None:
+        raise RuntimeError(f"the SLBI CPU kernel is not available for {dtype} with {state_dtype} state")
+    return library
 
 
 def _check_buffers(*buffers: tuple[Tensor | None, str, torch.dtype, int | None]) -> None:

@@ -184,3 +184,18 @@ def choose_kernel(bucket: FlatBucket, backend: str, fused: bool | None) -> Bucke
         return FusedKernel(bucket, "c")
     compiled = fused if fused is not None else on_cpu
     return TorchKernel("inductor" if compiled else "eager")
+
+
+def amp_inputs_for(
+    grad_scale: Tensor | None, found_inf: Tensor | None, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
+    """GradScaler's scale as the factor that unscales the gradients, and its inf flag,
+    on ``device``; device ops only (no host sync, traceable)."""
+    inv_scale = None
+    if grad_scale is not None:
+        # The reciprocal in float64, as GradScaler.unscale_ takes it: the fused step
+        # reads exactly the gradients an explicit unscale_() would have written.
+        inv_scale = grad_scale.double().reciprocal().float().to(device)
+    if found_inf is not None:
+        found_inf = found_inf.to(device=device, dtype=torch.float32)
+    return inv_scale, found_inf

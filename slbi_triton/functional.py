@@ -129,51 +129,37 @@ def slbi_update_(
     first_index: int = 0,
 ) -> None:
     """One SLBI step (docs/design.md, "The update") on a run of elements, in place, in
-    float32 (float64 for float64 parameters).
-
-    Updates ``w``, ``z`` and ``v``; ``group_norms`` is read (‖Z_t‖) but not refreshed:
-    call :func:`refresh_group_norms_` afterwards. (Inside one Inductor graph, refreshing
-    the norms in the same function makes it materialise Z_{t+1} in a temporary.)
+    float32 (float64 for float64 parameters); ``group_norms`` (‖Z_t,g‖) is read, not
+    refreshed: call :func:`refresh_group_norms_` afterwards (in one Inductor graph a
+    refresh would make Z_{t+1} a temporary).
 
     Args:
-        w, g: weights and gradients of the run, same shape and dtype: 1-D for penalties
-            ``"l1"`` and ``"none"``, ``(groups, group_size)`` for ``"group"``.
-        z: split variable of the run; ``None`` for penalty ``"none"``.
-        v: momentum buffer of the run; ``None`` when the group keeps none.
-        group_norms: ‖Z_g‖ of ``Z_t`` per group of the run (group penalty only).
-        penalty: ``"l1"``, ``"group"`` or ``"none"``.
-        momentum_ready: whether ``v`` holds ``v_t``; if not, ``v_{t+1} = u``.
+        w, g: weights and gradients of the run: 1-D for penalties ``"l1"``/``"none"``,
+            ``(groups, group_size)`` for ``"group"``; ``z``: its split variable (``None``
+            for ``"none"``); ``v``: its momentum buffer (``None`` when the group keeps
+            none), holding ``v_t`` if ``momentum_ready`` (else ``v_{t+1} = u``).
         inv_scale: optional 0-d float32 tensor; ``g`` holds gradients scaled by
-            ``1 / inv_scale`` (``torch.amp.GradScaler``) and is unscaled as it is read.
-        found_inf: optional 0-d float32 tensor; where non-zero, ``w``, ``z`` and ``v``
-            keep their values (decided on the device: no host sync).
+            ``1 / inv_scale`` (``torch.amp.GradScaler``), unscaled as they are read.
+        found_inf: optional 0-d float32 tensor; where non-zero, nothing changes (decided
+            on the device: no host sync).
         rounding_rng: int64 ``[seed, step]``: store ``z`` and ``v`` (bfloat16) with
-            stochastic rounding, the random bits those of :func:`run_bits`; ``None``:
-            round to nearest.
-        first_index: flat index of the run's first element in its bucket.
+            stochastic rounding, the bits of :func:`run_bits` from ``first_index`` (the
+            run's first flat index in its bucket); ``None``: round to nearest.
     """
-    # Where found_inf is set every store writes back the old value instead: inf/NaN in
-    # the discarded branch of torch.where does not leak into the kept one.
     keep = None if found_inf is None else found_inf != 0
     bits = None if rounding_rng is None else run_bits(rounding_rng, first_index, w)
-
-    def store(dst: Tensor, old: Tensor, new: Tensor, random16: Tensor | None = None) -> None:
-        if random16 is not None:
-            new = round_bf16_stochastic(new, random16).to(new.dtype)
-        dst.copy_(new if keep is None else torch.where(keep, old, new))
-
     work = compute_dtype(w.dtype)
     w32 = w.to(work)
     g32 = g.to(work) if inv_scale is None else g.to(work) * inv_scale
     u = g32 + weight_decay * w32  # u = g + wd · W_t
-    if v is None:
-        velocity = u
-    else:
+    velocity = u
+    if v is not None:
         v32 = v.to(work)
-        velocity = momentum * v32 + (1.0 - dampening) * u if momentum_ready else u
-        store(v, v32, velocity, None if bits is None else bits >> 16)
+        if momentum_ready:
+            velocity = momentum * v32 + (1.0 - dampening) * u
+        _store(v, v32, velocity, keep, None if bits is None else bits >> 16)
     if penalty == "none":
-        store(w, w32, w32 - lr * kappa * velocity)
+        _store(w, w32, w32 - lr * kappa * velocity, keep)
         return
     z32 = z.to(work)
     if penalty == "group":
@@ -181,8 +167,18 @@ def slbi_update_(
     else:
         gamma = kappa * prox_l1(z32, lam)
     residual = w32 - gamma  # W_t − Γ_t
-    store(w, w32, w32 - lr * kappa * (velocity + residual / mu))
-    store(z, z32, z32 + (lr / mu) * residual, None if bits is None else bits & 0xFFFF)
+    _store(w, w32, w32 - lr * kappa * (velocity + residual / mu), keep)
+    _store(z, z32, z32 + (lr / mu) * residual, keep, None if bits is None else bits & 0xFFFF)
+
+
+def _store(
+    dst: Tensor, old: Tensor, new: Tensor, keep: Tensor | None, random16: Tensor | None = None
+) -> None:
+    """``dst = new`` (stochastically rounded with ``random16``), or ``old`` where ``keep``:
+    inf/NaN in the discarded branch of ``torch.where`` does not leak into the kept one."""
+    if random16 is not None:
+        new = round_bf16_stochastic(new, random16).to(new.dtype)
+    dst.copy_(new if keep is None else torch.where(keep, old, new))
 
 
 def refresh_group_norms_(z: Tensor, group_norms: Tensor, found_inf: Tensor | None = None) -> None:

@@ -11,34 +11,30 @@ import functools
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import torch_private
+from . import checkpoint, torch_private
 from .buckets import FlatBucket
-from .dispatch import BucketKernel, HparamTables, KernelInfo, choose_kernel
+from .dispatch import BucketKernel, HparamTables, KernelInfo, amp_inputs_for, choose_kernel
 from .pruning import Pruner
 from .storage import FlatStorage
-from .toolbox import ORDER_STATE_KEYS, Toolbox, as_epochs, order_shape
+from .toolbox import Toolbox
 from .validation import (
     BACKENDS,
     HYPERPARAMETERS,
+    GroupChecks,
     check_group_penalty,
     check_hyperparameters,
-    check_loaded_state,
     check_parameter,
     check_state_dtype,
     resolve_penalty,
 )
 
 __all__ = ["SLBI"]
-
-# Options of a torch.optim.SGD param group that SLBI has no use for: not loaded.
-_SGD_ONLY_KEYS = ("nesterov", "maximize", "foreach", "differentiable", "fused")
 
 
 def _toolbox_method(component: str, method: Callable[..., Any]) -> Callable[..., Any]:
@@ -114,14 +110,10 @@ class SLBI(Optimizer):
     received no gradient since then is skipped by ``step()``, exactly as
     ``torch.optim.SGD`` skips a ``None`` gradient.
 
-    State per parameter (``opt.state[p]``, and ``state_dict()`` by index):
-    ``"momentum_buffer"`` and ``"z"`` (the parameter's shape), ``"group_norms"`` (‖Z_g‖
-    per output filter, group penalty), and the toolbox's ``"entry_epoch"`` and
-    ``"order_magnitude"``; ``state_dict()["slbi"]`` holds the step count, the seed, the
-    toolbox's path history and frozen masks. ``torch.amp.GradScaler`` hands the
-    optimizer its scale and inf flag (``_step_supports_amp_scaling``): the step unscales
-    the gradients as it reads them and writes nothing when they hold inf/NaN, without
-    waiting for the device.
+    State per parameter (``opt.state[p]``): ``"momentum_buffer"``, ``"z"``,
+    ``"group_norms"`` and the toolbox's order (see :meth:`state_dict`).
+    ``torch.amp.GradScaler`` hands the step its scale and inf flag: the gradients are
+    unscaled as they are read, and a step with inf/NaN gradients writes nothing.
     """
 
     # GradScaler.step() then sets ``self.grad_scale`` and ``self.found_inf`` instead of
@@ -175,13 +167,12 @@ class SLBI(Optimizer):
         self._toolbox = Toolbox(self, self._storage)
         self._pruner = Pruner(self._toolbox, self, self._storage)
         self._tables = HparamTables()
-        self._step_calls = _StepCalls()
-        # Per param group, the plain values last found valid (see _validate_groups), and
-        # the penalties the layout was last checked against (see _apply_group_changes).
-        self._valid_groups: dict[int, tuple[Any, ...]] = {}
+        self._step_calls = torch_private.StepCalls()
+        self._group_checks = GroupChecks()
+        # The penalties the layout was last checked against (see _apply_group_changes).
         self._checked_penalties: tuple[str, ...] | None = None
-        self._own_hooks: dict[str, Any] = {}  # our state-dict hooks (see state_dict)
-        self._pending_load: tuple[Any, ...] | None = None
+        self._own_hooks = checkpoint.OwnHooks()  # our state-dict hooks (see state_dict)
+        self._pending_load: checkpoint.LoadPlan | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # An LR scheduler replaces ``opt.step`` by a wrapper Dynamo cannot trace: put an
@@ -396,7 +387,7 @@ class SLBI(Optimizer):
     def _prepare_eager_step(self) -> list[list[bool]]:
         """Every check first, then the changes: validated hyper-parameters, a re-laid
         layout after a penalty change, re-bound parameters; the active slots."""
-        self._validate_groups()
+        self._group_checks.check(self.param_groups)
         intact = self._storage.intact()
         if not intact:
             self._storage.check()
@@ -426,26 +417,9 @@ class SLBI(Optimizer):
             if momentum:
                 bucket.ensure_momentum()
             if bucket.device not in amp_inputs:
-                amp_inputs[bucket.device] = _amp_inputs(grad_scale, found_inf, bucket.device)
+                amp_inputs[bucket.device] = amp_inputs_for(grad_scale, found_inf, bucket.device)
             bucket.kernel(bucket, flags, self.param_groups, self._tables, *amp_inputs[bucket.device])
             bucket.apply_frozen()
-
-    def _validate_groups(self) -> None:
-        """Validate hyper-parameters and penalties edited in ``param_groups``; a group
-        whose values are plain numbers that were valid last step is not checked again."""
-        for group_index, group in enumerate(self.param_groups):
-            values = tuple(map(group.__getitem__, _VALIDATED_KEYS))
-            types = tuple(map(type, values))
-            plain = not any(issubclass(kind, Tensor) for kind in types)  # tensors: checked every step
-            # With the types: False == 0 and 1 == True, but a bool is not a valid value.
-            seen = (values, types, id(group["params"]), len(group["params"]))
-            if plain and self._valid_groups.get(group_index) == seen:
-                continue
-            where = f"param group {group_index}"
-            check_hyperparameters(group, where, read_device=False)
-            check_group_penalty(group["penalty"], group["params"], where)
-            if plain:
-                self._valid_groups[group_index] = seen
 
     def _apply_group_changes(self) -> None:
         """Re-lay the buffers when a group's penalty changed (validated before)."""
@@ -476,7 +450,7 @@ class SLBI(Optimizer):
         flat buffer once, whole, for all the views into it. State dict hooks see the
         whole dict, ``"slbi"`` included.
         """
-        self._hook_first("state_dict_post", self.register_state_dict_post_hook, self._add_slbi_state)
+        self._own_hooks.first("state_dict_post", self.register_state_dict_post_hook, self._add_slbi_state)
         return super().state_dict()
 
     def _add_slbi_state(self, optimizer: SLBI, state_dict: dict[str, Any]) -> None:
@@ -501,99 +475,25 @@ class SLBI(Optimizer):
         Args:
             state_dict: optimizer state, as returned by :meth:`state_dict`.
         """
-        self._hook_last("load_pre", self.register_load_state_dict_pre_hook, self._prepare_load)
-        self._hook_first("load_post", self.register_load_state_dict_post_hook, self._finish_load)
+        self._own_hooks.last("load_pre", self.register_load_state_dict_pre_hook, self._prepare_load)
+        self._own_hooks.first("load_post", self.register_load_state_dict_post_hook, self._finish_load)
         super().load_state_dict(state_dict)
 
-    def _hook_first(self, key: str, register: Callable[..., Any], hook: Callable[..., Any]) -> None:
-        """Register ``hook`` anew, ahead of the user's hooks of the same kind."""
-        self._remove_hook(key)
-        self._own_hooks[key] = register(hook, prepend=True)
-
-    def _hook_last(self, key: str, register: Callable[..., Any], hook: Callable[..., Any]) -> None:
-        """Register ``hook`` anew, after the user's hooks of the same kind."""
-        self._remove_hook(key)
-        self._own_hooks[key] = register(hook)
-
-    def _remove_hook(self, key: str) -> None:
-        handle = self._own_hooks.pop(key, None)
-        if handle is not None:
-            handle.remove()
-
     def _prepare_load(self, optimizer: SLBI, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        """Validate a state dict (nothing changes if it is refused) and hand torch's loader
-        the merged param groups and the state it may cast; keep the rest for
-        :meth:`_finish_load`."""
-        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
-            raise TypeError("state_dict must be a mapping with 'state' and 'param_groups' (opt.state_dict())")
-        merged_groups, targets = self._merge_loaded_groups(list(state_dict["param_groups"]))
-        state: dict[Any, Any] = {}
-        exact: dict[Tensor, dict[str, Tensor]] = {}
-        for key, entry in state_dict["state"].items():
-            if key not in targets:
-                state[key] = entry
-                continue
-            param, penalty = targets[key]
-            entry = {k: v for k, v in entry.items() if v is not None}  # SGD may store None
-            check_loaded_state(entry, param, _state_shapes(param, penalty), f"state of parameter {key}")
-            # Kept as saved (torch would cast them to the parameter's dtype): binding
-            # copies them into the buffers, and exact dtypes keep a resume bit-exact.
-            exact[param] = {k: entry.pop(k) for k in (*_EXACT_STATE_KEYS, *ORDER_STATE_KEYS) if k in entry}
-            state[key] = entry
-        params_by_key = {key: param for key, (param, _) in targets.items()}
-        extras = state_dict.get("slbi") or {}
-        if not isinstance(extras, Mapping):
-            raise TypeError(f"state_dict['slbi'] must be a dict, got {type(extras).__name__}")
-        Pruner.check_state(extras, params_by_key)
-        Toolbox.check_state(extras)
-        self._pending_load = (exact, extras, params_by_key)
-        return {**state_dict, "state": state, "param_groups": merged_groups}
+        """Validate a state dict (nothing changes if it is refused); torch's loader gets
+        the merged param groups and the state it may cast."""
+        self._pending_load = checkpoint.plan_load(state_dict, self.param_groups)
+        return self._pending_load.for_torch
 
     def _finish_load(self, optimizer: SLBI) -> None:
         """After torch's loader: the exact state, the flat buffers, the toolbox."""
-        exact, extras, params_by_key = self._pending_load
-        self._pending_load = None
-        for param, values in exact.items():
-            for key, value in values.items():
-                value = value.to(param.device)
-                self.state[param][key] = as_epochs(value) if key == "entry_epoch" else value
-        self._storage.seed = int(extras.get("rng_seed", self._storage.seed)) & 0xFFFFFFFF
-        self.current_epoch = extras.get("current_epoch")
-        self._relayout(steps=int(extras.get("steps", 0)))
-        self._toolbox.load_state(extras)
-        self._pruner.load_state(extras, params_by_key)
-
-    def _merge_loaded_groups(
-        self, saved_groups: list[Mapping[str, Any]]
-    ) -> tuple[list[dict[str, Any]], dict[Any, tuple[Tensor, str]]]:
-        """The loaded param groups merged into ours (validated), and for each saved
-        parameter index its parameter and penalty."""
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"the state dict has {len(saved_groups)} param groups, this optimizer has "
-                f"{len(self.param_groups)}"
-            )
-        merged_groups = []
-        targets: dict[Any, tuple[Tensor, str]] = {}
-        for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
-            where = f"loaded param group {index}"
-            for flag in ("nesterov", "maximize"):
-                if saved.get(flag, False):
-                    raise ValueError(f"{where} has {flag}=True, which SLBI does not implement")
-            if len(saved["params"]) != len(current["params"]):
-                raise ValueError(
-                    f"{where} has {len(saved['params'])} parameters, but param group {index} of this "
-                    f"optimizer has {len(current['params'])}"
-                )
-            # Saved values win (as in torch); SLBI's own keys missing from an SGD dict stay.
-            merged = {k: v for k, v in current.items() if k not in ("params", "param_names")}
-            merged.update({k: v for k, v in saved.items() if k not in _SGD_ONLY_KEYS})
-            check_hyperparameters(merged, where)
-            check_group_penalty(merged["penalty"], current["params"], where)
-            merged_groups.append(merged)
-            for key, param in zip(saved["params"], current["params"], strict=True):
-                targets[key] = (param, resolve_penalty(merged["penalty"], param))
-        return merged_groups, targets
+        plan, self._pending_load = self._pending_load, None
+        plan.restore_exact(self.state)
+        self._storage.seed = int(plan.extras.get("rng_seed", self._storage.seed)) & 0xFFFFFFFF
+        self.current_epoch = plan.extras.get("current_epoch")
+        self._relayout(steps=int(plan.extras.get("steps", 0)))
+        self._toolbox.load_state(plan.extras)
+        self._pruner.load_state(plan.extras, plan.params)
 
     # -- the toolbox, by layer name (slbi_triton.toolbox, slbi_triton.pruning) ---------
 
@@ -610,44 +510,3 @@ class SLBI(Optimizer):
     use_w_star = _toolbox_method("_pruner", Pruner.use_w_star)
     recover = _toolbox_method("_pruner", Pruner.recover)
     unfreeze = _toolbox_method("_pruner", Pruner.unfreeze)
-
-
-_VALIDATED_KEYS = (*HYPERPARAMETERS, "penalty")
-# Loaded state kept in its saved dtype (see load_state_dict).
-_EXACT_STATE_KEYS = ("z", "momentum_buffer", "group_norms")
-
-
-def _state_shapes(param: Tensor, penalty: str) -> dict[str, tuple[int, ...]]:
-    """The shape of each state tensor of ``param`` under ``penalty``."""
-    shapes = {"z": tuple(param.shape), "momentum_buffer": tuple(param.shape)}
-    if penalty == "group":
-        shapes["group_norms"] = (param.shape[0],)
-    if penalty != "none":
-        shapes.update(dict.fromkeys(ORDER_STATE_KEYS, order_shape(param, penalty)))
-    return shapes
-
-
-@dataclass
-class _StepCalls:
-    """The LR scheduler's "step was called" flag. A compiled step sets it on this plain
-    object, whose writes Dynamo replays without guarding on them."""
-
-    opt_called: bool = False
-
-    def mark_called(self) -> None:
-        self.opt_called = True
-
-
-def _amp_inputs(
-    grad_scale: Tensor | None, found_inf: Tensor | None, device: torch.device
-) -> tuple[Tensor | None, Tensor | None]:
-    """GradScaler's scale as the factor that unscales the gradients, and its inf flag,
-    on ``device``; device ops only (no host sync, traceable)."""
-    inv_scale = None
-    if grad_scale is not None:
-        # The reciprocal in float64, as GradScaler.unscale_ takes it: the fused step
-        # reads exactly the gradients an explicit unscale_() would have written.
-        inv_scale = grad_scale.double().reciprocal().float().to(device)
-    if found_inf is not None:
-        found_inf = found_inf.to(device=device, dtype=torch.float32)
-    return inv_scale, found_inf

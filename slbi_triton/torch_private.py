@@ -23,12 +23,13 @@ upgrade that drops one fails with a message naming it).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["check", "is_scheduler_wrapper", "rearm_grad_hooks", "scheduler_step"]
+__all__ = ["StepCalls", "check", "is_scheduler_wrapper", "rearm_grad_hooks", "scheduler_step"]
 
 _HOOKS_ATTRIBUTE = "_post_accumulate_grad_hooks"
 _SCHEDULER_MARK = "_wrapped_by_lr_sched"
@@ -56,6 +57,18 @@ def scheduler_step(step: Callable[..., Any], mark_called: Callable[[], None]) ->
 
     setattr(wrapper, _SCHEDULER_MARK, True)
     return wrapper
+
+
+@dataclass
+class StepCalls:
+    """The scheduler's "step was called" flag (the optimizer's ``_opt_called`` reads it).
+    A compiled step sets it on this plain object, whose writes Dynamo replays without
+    guarding on them."""
+
+    opt_called: bool = False
+
+    def mark_called(self) -> None:
+        self.opt_called = True
 
 
 def check() -> list[str]:

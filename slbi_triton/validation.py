@@ -129,3 +129,29 @@ def check_loaded_state(
                 f"{where}: {key!r} has shape {tuple(value.shape)}, expected {shape} for a parameter of "
                 f"shape {tuple(param.shape)}"
             )
+
+
+class GroupChecks:
+    """The per-step check of ``param_groups`` (edited by users and schedulers): a group
+    whose values are plain numbers that were valid last step is not checked again; tensor
+    values are checked every step (on the CPU only: the step never waits for a device)."""
+
+    KEYS = (*HYPERPARAMETERS, "penalty")
+
+    def __init__(self) -> None:
+        self._valid: dict[int, tuple[Any, ...]] = {}
+
+    def check(self, param_groups: Iterable[Mapping[str, Any]]) -> None:
+        for index, group in enumerate(param_groups):
+            values = tuple(map(group.__getitem__, self.KEYS))
+            types = tuple(map(type, values))
+            plain = not any(issubclass(kind, Tensor) for kind in types)
+            # With the types: False == 0 and 1 == True, but a bool is not a valid value.
+            seen = (values, types, id(group["params"]), len(group["params"]))
+            if plain and self._valid.get(index) == seen:
+                continue
+            where = f"param group {index}"
+            check_hyperparameters(group, where, read_device=False)
+            check_group_penalty(group["penalty"], group["params"], where)
+            if plain:
+                self._valid[index] = seen

@@ -1,0 +1,141 @@
+"""Loading a state dict: validation before anything changes, the merge of param groups
+(also from a ``torch.optim.SGD`` state dict), and the state kept exactly as saved.
+
+``SLBI.load_state_dict`` runs torch's loader, so its hooks run as for any optimizer; this
+module plans the load (a load-state-dict pre-hook) and finishes it (a post-hook).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from .pruning import Pruner
+from .toolbox import ORDER_STATE_KEYS, Toolbox, as_epochs, order_shape
+from .validation import check_group_penalty, check_hyperparameters, check_loaded_state, resolve_penalty
+
+# Options of a torch.optim.SGD param group that SLBI has no use for: not loaded.
+SGD_ONLY_KEYS = ("nesterov", "maximize", "foreach", "differentiable", "fused")
+# Kept in the dtype they were saved in: torch's loader would cast them to the parameter's
+# (Z and v of bfloat16 state, float64 norms, int64 entry epochs); binding copies them
+# into the buffers, and exact values keep a resume bit-exact.
+EXACT_STATE_KEYS = ("z", "momentum_buffer", "group_norms", *ORDER_STATE_KEYS)
+
+
+@dataclass
+class LoadPlan:
+    """A validated state dict, split between torch's loader and SLBI's own state.
+
+    Attributes:
+        for_torch: what torch's loader gets: the merged param groups, and the state it
+            may cast.
+        exact: per parameter, the state tensors to restore as saved.
+        extras: ``state_dict["slbi"]`` (empty for a torch.optim state dict).
+        params: saved parameter index -> parameter.
+    """
+
+    for_torch: dict[str, Any]
+    exact: dict[Tensor, dict[str, Tensor]]
+    extras: Mapping[str, Any]
+    params: dict[Any, Tensor]
+
+    def restore_exact(self, state: Mapping[Tensor, dict[str, Any]]) -> None:
+        """Put the exact state into ``state`` (moved to each parameter's device)."""
+        for param, values in self.exact.items():
+            for key, value in values.items():
+                value = value.to(param.device)
+                state[param][key] = as_epochs(value) if key == "entry_epoch" else value
+
+
+def plan_load(state_dict: Any, param_groups: Sequence[Mapping[str, Any]]) -> LoadPlan:
+    """Validate ``state_dict`` against ``param_groups`` and split it (raises
+    ``TypeError``/``ValueError`` naming what is wrong; changes nothing)."""
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+        raise TypeError("state_dict must be a mapping with 'state' and 'param_groups' (opt.state_dict())")
+    merged_groups, targets = merge_groups(list(state_dict["param_groups"]), param_groups)
+    state: dict[Any, Any] = {}
+    exact: dict[Tensor, dict[str, Tensor]] = {}
+    for key, entry in state_dict["state"].items():
+        if key not in targets:
+            state[key] = entry
+            continue
+        param, penalty = targets[key]
+        entry = {k: v for k, v in entry.items() if v is not None}  # SGD may store None
+        check_loaded_state(entry, param, state_shapes(param, penalty), f"state of parameter {key}")
+        exact[param] = {k: entry.pop(k) for k in EXACT_STATE_KEYS if k in entry}
+        state[key] = entry
+    params = {key: param for key, (param, _) in targets.items()}
+    extras = state_dict.get("slbi") or {}
+    if not isinstance(extras, Mapping):
+        raise TypeError(f"state_dict['slbi'] must be a dict, got {type(extras).__name__}")
+    Pruner.check_state(extras, params)
+    Toolbox.check_state(extras)
+    for_torch = {**state_dict, "state": state, "param_groups": merged_groups}
+    return LoadPlan(for_torch, exact, extras, params)
+
+
+def merge_groups(
+    saved_groups: list[Mapping[str, Any]], param_groups: Sequence[Mapping[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[Any, tuple[Tensor, str]]]:
+    """The loaded param groups merged into ours (validated): saved values win, as in
+    torch, and SLBI's own keys missing from an SGD dict stay; for each saved parameter
+    index, its parameter and penalty."""
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(
+            f"the state dict has {len(saved_groups)} param groups, this optimizer has {len(param_groups)}"
+        )
+    merged_groups = []
+    targets: dict[Any, tuple[Tensor, str]] = {}
+    for index, (saved, current) in enumerate(zip(saved_groups, param_groups, strict=True)):
+        where = f"loaded param group {index}"
+        for flag in ("nesterov", "maximize"):
+            if saved.get(flag, False):
+                raise ValueError(f"{where} has {flag}=True, which SLBI does not implement")
+        if len(saved["params"]) != len(current["params"]):
+            raise ValueError(
+                f"{where} has {len(saved['params'])} parameters, but param group {index} of this "
+                f"optimizer has {len(current['params'])}"
+            )
+        merged = {k: v for k, v in current.items() if k not in ("params", "param_names")}
+        merged.update({k: v for k, v in saved.items() if k not in SGD_ONLY_KEYS})
+        check_hyperparameters(merged, where)
+        check_group_penalty(merged["penalty"], current["params"], where)
+        merged_groups.append(merged)
+        for key, param in zip(saved["params"], current["params"], strict=True):
+            targets[key] = (param, resolve_penalty(merged["penalty"], param))
+    return merged_groups, targets
+
+
+def state_shapes(param: Tensor, penalty: str) -> dict[str, tuple[int, ...]]:
+    """The shape of each state tensor of ``param`` under ``penalty``."""
+    shapes = {"z": tuple(param.shape), "momentum_buffer": tuple(param.shape)}
+    if penalty == "group":
+        shapes["group_norms"] = (param.shape[0],)
+    if penalty != "none":
+        shapes.update(dict.fromkeys(ORDER_STATE_KEYS, order_shape(param, penalty)))
+    return shapes
+
+
+class OwnHooks:
+    """The optimizer's own state-dict hooks, registered anew before each use so that they
+    run first (post-hooks: the user's see the finished dict or optimizer) or last
+    (pre-hooks: the user's see the dict as given)."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, Any] = {}
+
+    def first(self, key: str, register: Callable[..., Any], hook: Callable[..., Any]) -> None:
+        self._remove(key)
+        self._handles[key] = register(hook, prepend=True)
+
+    def last(self, key: str, register: Callable[..., Any], hook: Callable[..., Any]) -> None:
+        self._remove(key)
+        self._handles[key] = register(hook)
+
+    def _remove(self, key: str) -> None:
+        handle = self._handles.pop(key, None)
+        if handle is not None:
+            handle.remove()

@@ -177,11 +177,9 @@ def launch(
     stochastic_rounding: bool,
     num_threads: int | None = None,
 ) -> None:
-    """Run ``slbi_triton::bucket_step`` on CPU buffers in one call of the C kernel (the
-    arguments are those of the op, see :mod:`.ops`).
-
-    Every buffer's dtype, layout and size is checked here, and every chunk's bounds in the
-    kernel before it writes anything: a bad input raises ``ValueError`` and changes nothing.
+    """Run ``slbi_triton::bucket_step`` (arguments: see :mod:`.ops`) on CPU buffers in one
+    call of the C kernel. Every buffer's dtype, layout and size is checked here, every
+    chunk's bounds in the kernel before it writes: a bad input changes nothing.
 
     Args:
         num_threads: OpenMP threads (default: ``torch.get_num_threads()``); the result

@@ -114,13 +114,7 @@ def slbi_update_(
     v: Tensor | None,
     group_norms: Tensor | None,
     *,
-    lr: Scalar,
-    kappa: Scalar,
-    mu: Scalar,
-    lam: Scalar,
-    momentum: Scalar,
-    dampening: Scalar,
-    weight_decay: Scalar,
+    lr: Scalar, kappa: Scalar, mu: Scalar, lam: Scalar, momentum: Scalar, dampening: Scalar, weight_decay: Scalar,
     penalty: str,
     momentum_ready: bool,
     inv_scale: Tensor | None = None,
@@ -140,11 +134,10 @@ def slbi_update_(
             none), holding ``v_t`` if ``momentum_ready`` (else ``v_{t+1} = u``).
         inv_scale: optional 0-d float32 tensor; ``g`` holds gradients scaled by
             ``1 / inv_scale`` (``torch.amp.GradScaler``), unscaled as they are read.
-        found_inf: optional 0-d float32 tensor; where non-zero, nothing changes (decided
-            on the device: no host sync).
-        rounding_rng: int64 ``[seed, step]``: store ``z`` and ``v`` (bfloat16) with
-            stochastic rounding, the bits of :func:`run_bits` from ``first_index`` (the
-            run's first flat index in its bucket); ``None``: round to nearest.
+        found_inf: optional 0-d float32 tensor; non-zero: nothing changes (no host sync).
+        rounding_rng: int64 ``[seed, step]``: store ``z`` and ``v`` (bfloat16) stochastically
+            rounded with :func:`run_bits` from ``first_index`` (the run's first flat index
+            in its bucket); ``None``: round to nearest.
     """
     keep = None if found_inf is None else found_inf != 0
     bits = None if rounding_rng is None else run_bits(rounding_rng, first_index, w)

@@ -60,7 +60,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from benchmarks.paper_slbi import PaperSLBI
-from benchmarks.param_sets import PARAM_SETS, QUICK_SCALE, ParamShapes, make_params, sweep_set
+from benchmarks.param_sets import PARAM_SETS, QUICK_SCALE, ParamShapes, make_params, penalty_of, sweep_set
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
@@ -317,13 +317,6 @@ def quick_sets() -> list[SetSpec]:
 
 
 # ----------------------------------------------------------------------------- accounting
-
-
-def penalty_of(shape: Sequence[int]) -> str:
-    """The penalty ``penalty="auto"`` gives a tensor (DESIGN.md §1)."""
-    if len(shape) >= 3:
-        return "group"
-    return "l1" if len(shape) == 2 else "none"
 
 
 @dataclass(frozen=True)

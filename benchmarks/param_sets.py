@@ -220,6 +220,14 @@ def sweep_set(count: int, numel: int) -> ParamShapes:
     return [(f"sweep.{i}.weight", conv_shape if i % 2 == 0 else (rows, cols)) for i in range(count)]
 
 
+def penalty_of(shape: Sequence[int]) -> str:
+    """The penalty ``penalty="auto"`` gives a tensor of ``shape`` (docs/design.md): group
+    for ≥ 3-D, l1 for 2-D, none otherwise."""
+    if len(shape) >= 3:
+        return "group"
+    return "l1" if len(shape) == 2 else "none"
+
+
 def numel_of(shapes: ParamShapes) -> int:
     """Total number of elements in a parameter set."""
     return sum(math.prod(shape) for _, shape in shapes)

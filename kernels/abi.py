@@ -7,7 +7,8 @@ defines) and the torch reference all read tables built here:
 - the **chunk table** (int32, int64 once an offset reaches 2**31): one row per chunk of
   work, a chunk being up to ``rows_per_chunk`` rows of one parameter; a row is one filter
   ``Z_g`` for the group penalty (so a chunk owns whole groups and reduces ``‖Z_g‖``
-  without atomics) and ``row_len`` consecutive elements otherwise;
+  without atomics) and ``row_len`` consecutive elements otherwise (an l1/"none" chunk
+  starts ``SLOT_ALIGNMENT``-aligned; rows × row_len fits the table's integer type);
 - the **flag word** per parameter (int32): whether it takes part in this step and whether
   its momentum buffer holds ``v_t``;
 - the **hyper-parameter table** (float64, one row per param group).

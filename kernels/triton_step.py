@@ -342,7 +342,7 @@ def _slbi_bucket_kernel(
         # l1/"none" rows are back to back and a multiple of 16 long: the chunk's end is
         # rounded up into the parameter's zero padding.
         end = (end + _SLOT_ALIGNMENT - 1) // _SLOT_ALIGNMENT * _SLOT_ALIGNMENT
-        length = tl.minimum(num_rows.to(tl.int64) * row_len, end - start).to(start.dtype)
+        length = tl.minimum(num_rows * row_len, end - start)
         _stream(
             params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, start, length, norm_offset,
             live_rows > 0, penalty != 0,

@@ -41,6 +41,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from slbi_triton.kernels import abi
+
+from benchmarks.param_sets import PARAM_SETS, penalty_of
+from benchmarks.tables import render
+
+# Triton and the kernel module are imported inside the functions that need them: main()
+# first turns the interpreter off (under TRITON_INTERPRET=1, @triton.jit functions are
+# interpreter stand-ins that cannot be compiled).
 
 ARCHS = (80, 90)
 """Compute capabilities checked: A100 (sm_80) and H100/H200 (sm_90)."""
@@ -109,8 +117,6 @@ def quick_jobs() -> list[tuple[Variant, int]]:
 def _pointer_types(variant: Variant) -> dict[str, torch.dtype]:
     """The dtype behind each pointer argument, as ``triton_step.launch`` passes them
     (absent GradScaler inputs are replaced by the float64 hyper-parameter table)."""
-    from slbi_triton.kernels import abi
-
     amp_dtype = torch.float32 if variant.amp else torch.float64
     return {
         "params_ptr": variant.dtype, "grads_ptr": variant.dtype, "z_ptr": variant.state_dtype,
@@ -365,8 +371,6 @@ def vector_share(shapes: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dty
     but those of groups whose size is not a multiple of the kernel's ``ALIGN``."""
     from slbi_triton.kernels import triton_step
 
-    from benchmarks.param_sets import penalty_of
-
     align = int(triton_step.kernel_constants(dtype)["ALIGN"])
     total = scalar = 0
     for _, shape in shapes:
@@ -406,13 +410,7 @@ def _cells(row: StaticRow) -> list[str]:
 
 def table(rows: Sequence[StaticRow], markdown: bool = False) -> str:
     """One line per (arch, variant)."""
-    lines = [_cells(r) for r in rows]
-    if markdown:
-        out = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-        return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
-    widths = [max(len(c) for c in column) for column in zip(COLUMNS, *lines, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(fmt.format(*cells).rstrip() for cells in [COLUMNS, ["-" * w for w in widths], *lines])
+    return render(COLUMNS, [_cells(r) for r in rows], markdown)
 
 
 SHARE_SETS = ("resnet18", "resnet50", "vit_b16")
@@ -420,8 +418,6 @@ SHARE_SETS = ("resnet18", "resnet50", "vit_b16")
 
 def share_line() -> str:
     """Which share of each set's elements takes a vector path, per bucket dtype."""
-    from benchmarks.param_sets import PARAM_SETS
-
     parts = []
     for name in SHARE_SETS:
         shares = {_SHORT[d]: vector_share(PARAM_SETS[name](), d) for d in (torch.float32, torch.bfloat16)}

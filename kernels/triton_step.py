@@ -40,6 +40,8 @@ step with inf/NaN gradients leaves W, Z, v and the norms as they were, with no h
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -352,13 +354,14 @@ def _slbi_bucket_kernel(
         )
 
 
+@functools.cache
 def kernel_constants(dtype: torch.dtype) -> dict[str, object]:
     """The constexpr sizes for a bucket of ``dtype``: each thread handles ``ALIGN``
     consecutive elements per stream, one 128-bit access of W and g (and of Z and v when
     they have the parameters' width; bfloat16 state of a float32 bucket moves in 64-bit
     accesses: 128-bit ones would need 8 float32 per thread, and Triton then sends the W
-    store through shared memory to keep stores at 128 bits per thread)."""
-    align = VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
+    store through shared memory to keep stores at 128 bits per thread). Cached: read only."""
+    align = VECTOR_BYTES // dtype.itemsize
     threads = 32 * NUM_WARPS
     rows = abi.TRITON_GEOMETRY.rows_per_chunk
     return {

@@ -39,6 +39,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from slbi_triton.kernels import abi
@@ -126,7 +127,7 @@ def _pointer_types(variant: Variant) -> dict[str, torch.dtype]:
     }
 
 
-def compile_variant(variant: Variant, capability: int):
+def compile_variant(variant: Variant, capability: int) -> Any:
     """``triton.compile`` the step for ``variant`` and compute capability ``capability``."""
     import triton
     from slbi_triton.kernels import triton_step
@@ -237,7 +238,7 @@ def _access_bits(opcode: str) -> int:
     return (int(vector.group(1)) if vector else 1) * (int(element.group(1)) if element else 0)
 
 
-def path_call_sites(kernel) -> dict[int, str]:
+def path_call_sites(kernel: Any) -> dict[int, str]:
     """Source line of each path's call in the kernel body → the path's name."""
     function = kernel.fn
     source = textwrap.dedent(inspect.getsource(function))
@@ -255,7 +256,7 @@ def path_call_sites(kernel) -> dict[int, str]:
     return sites
 
 
-def ptx_accesses(ptx: str, kernel) -> list[Access]:
+def ptx_accesses(ptx: str, kernel: Any) -> list[Access]:
     """The main-stream global loads and stores of ``ptx``, compiled from ``kernel``."""
     pointer_args = [n for i, n in enumerate(kernel.arg_names) if not kernel.params[i].is_constexpr]
     streams = {i: STREAMS[n] for i, n in enumerate(pointer_args) if n in STREAMS}

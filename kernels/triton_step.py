@@ -14,7 +14,7 @@ chunk) takes one of three paths, chosen per chunk at run time:
 - **stream**: l1 and "none" chunks, and a group chunk of one row whose length is a
   multiple of ``ALIGN``: a 1-D loop over the chunk, its end rounded up into the zero
   padding, so every ``ALIGN`` elements are wholly in or out and W, g, Z, v move as
-  128-bit vectors;
+  128-bit vectors (64-bit for the bfloat16 Z and v of a float32 bucket);
 - **aligned rows**: group chunks whose group size is a multiple of ``ALIGN`` (every row
   then starts aligned): a ``[ROWS, COLS]`` tile per iteration, one group a row, also with
   128-bit vectors;
@@ -31,7 +31,8 @@ with no contraction into FMAs (``enable_fp_fusion=False``): under the interprete
 v are bit-identical to it (stochastic rounding included; bfloat16 parameters aside, which
 the interpreter rounds by truncation), and the group norms agree to a few ulps (sums in
 another order). On a GPU, ``/`` and ``sqrt`` are Triton's fast float32 versions (within 2
-ulp): IEEE ones call a slow-path subroutine that costs registers and spills.
+ulp): IEEE ones call a slow-path subroutine that costs registers and spills; float64
+buckets multiply by 1/μ instead of dividing by μ (within 1 ulp).
 
 Mixed precision (``torch.amp.GradScaler``): the gradients are multiplied by ``1/scale`` as
 they are loaded, and when ``found_inf`` is non-zero every program stores nothing, so a

@@ -90,7 +90,10 @@ def max_ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
     return float(((a64 - b64).abs() / ulp).max()) if a64.numel() else 0.0
 
 
-def make_case(case: Sequence[tuple[tuple[int, ...], int, bool]], seed: int = 0):
+Case = Sequence[tuple[tuple[int, ...], int, bool]]
+
+
+def make_case(case: Case, seed: int = 0) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """Float64 initial weights and per-step gradients, with per-row scales from 0.01 to 2
     so that the shrinkage threshold splits rows and filters."""
     gen = torch.Generator().manual_seed(seed)
@@ -110,7 +113,8 @@ def _to(x: torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last
     return out
 
 
-def run_optimizer(kind: str, case, weights, grads, device: torch.device, dtype: torch.dtype,
+def run_optimizer(kind: str, case: Case, weights: list[torch.Tensor], grads: list[list[torch.Tensor]],
+                  device: torch.device, dtype: torch.dtype,
                   steps: int = STEPS) -> dict[str, list[torch.Tensor | None]]:
     """Run ``kind`` ("triton", "torch" or "reference") and return W, Z and v per tensor."""
     from slbi_triton import SLBI
@@ -151,7 +155,7 @@ def _worst(a: dict[str, list], b: dict[str, list], fn) -> dict[str, float]:
     return worst
 
 
-def support_fractions(case, reference: dict[str, list]) -> list[float]:
+def support_fractions(case: Case, reference: dict[str, list]) -> list[float]:
     """Fraction of each penalised tensor in the support of Γ = κ·prox(Z) at the end."""
     fractions = []
     for (shape, group, _), z in zip(case, reference["z"], strict=True):

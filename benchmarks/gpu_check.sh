@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU machine (issue 5). Run from anywhere:
+# The one prepared run for a lent GPU machine (issues 5, 13). Run from anywhere:
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine; results under $OUT
 #   bash benchmarks/gpu_check.sh --dry-run   # the same stages on the CPU at CI sizes
@@ -10,7 +10,7 @@
 # top-level `kernels/` folder, so a generated sitecustomize.py (first on PYTHONPATH) adds a
 # meta-path finder that does the same mapping, whatever sys.path order Python or pytest use.
 #
-# Stages (each under `timeout`, all within GPU_CHECK_BUDGET_S, default 320 s):
+# Stages (each under `timeout`, all within GPU_CHECK_BUDGET_S, default 300 s):
 #   env      versions, device, commit or source hash          -> env.json
 #   parity   Triton vs torch backend vs float64 on the device,
 #            float32/bfloat16/float16 buckets                  -> parity.json
@@ -18,10 +18,15 @@
 #            bf16/fp16 buckets, CUDA-graph capture of a training step) -> pytest.log
 #   compile  compile overhead of a LeNet training step (benchmarks/compile_overhead.py)
 #   graph    CUDA-graph capture of opt.step(), torch.compile     -> graph.json
+#   static   the kernel compiled ahead of time for sm_90 with this
+#            machine's Triton: registers, spills, 128-bit accesses -> static.json
 #   bench    the benchmark table vs SGD (loop/foreach/fused) and
-#            PaperSLBI at full sizes, sweep, training, targets -> bench.json, bench.md
-#   summary  the short table, printed last                      -> summary.txt
-# Everything else a stage prints goes to gpu_check.log. At most these 8 files are written.
+#            PaperSLBI at full sizes, sweep, training, the bytes
+#            each step must move and its floor at the measured
+#            copy bandwidth, targets                           -> bench.json, bench.md
+#   summary  per set, SLBI and SGD(fused=True) as % of the floor,
+#            then the static table, printed last               -> summary.txt
+# Everything else a stage prints goes to gpu_check.log. At most these 9 files are written.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,7 +55,7 @@ if [[ -z "$PY" ]]; then
   echo "gpu_check: no Python interpreter with torch found (set PYTHON=...)" | tee -a "$OUT/gpu_check.log" >&2
   exit 2
 fi
-BUDGET="${GPU_CHECK_BUDGET_S:-320}"
+BUDGET="${GPU_CHECK_BUDGET_S:-300}"
 START=$SECONDS
 LOG="$OUT/gpu_check.log"
 
@@ -107,16 +112,17 @@ if [[ "$MODE" == selftest ]]; then
 import sys
 import slbi_triton
 import slbi_triton.kernels
-from slbi_triton.kernels import chunk_format
+from slbi_triton.kernels import abi
 import benchmarks.harness
+import benchmarks.gpu_static
 print("finder:", type(sys.meta_path[0]).__name__)
 print("slbi_triton:", slbi_triton.__file__)
 print("slbi_triton.kernels:", slbi_triton.kernels.__file__)
 try:
-    from slbi_triton.kernels import slbi_step
-    print("slbi_step:", slbi_step.__file__)
-except ImportError as exc:  # Triton missing: the torch backend still works
-    print("slbi_step: not importable:", exc)
+    from slbi_triton.kernels import triton_step
+    print("triton_step:", triton_step.__file__)
+except ImportError as exc:  # Triton missing: the C and torch kernels still work
+    print("triton_step: not importable:", exc)
 print("selftest ok")
 PYEOF
   exit $?
@@ -148,6 +154,7 @@ if [[ "$MODE" == dry ]]; then
   export TRITON_INTERPRET=1
   PARITY_ARGS=(--device cpu --quick)
   BENCH_ARGS=(--device cpu --quick --threads 1 --sets lenet5,resnet18,resnet50,resnet50@bfloat16 --sweep quick)
+  STATIC_ARGS=(--quick)
   PYTEST_ENV=(TRITON_INTERPRET=1)
   GRAPH_CHECKS=graph
 else
@@ -155,7 +162,8 @@ else
   export TRITON_INTERPRET=0  # compiled kernels on the GPU, whatever the environment says
   PARITY_ARGS=(--device cuda)
   BENCH_ARGS=(--device cuda --sets resnet50,resnet18,vit_b16,resnet20,lenet5,resnet50@bfloat16
-              --only slbi-torch=lenet5+resnet50)
+              --only slbi-torch=lenet5+resnet50 --only paper=lenet5+resnet18+resnet50)
+  STATIC_ARGS=(--arch 90)
   PYTEST_ENV=(TRITON_INTERPRET=0)
   GRAPH_CHECKS=graph,compile
 fi
@@ -199,7 +207,7 @@ import slbi_triton.kernels
 info["slbi_triton"] = slbi_triton.__file__
 info["slbi_triton.kernels"] = slbi_triton.kernels.__file__
 try:
-    from slbi_triton.kernels import slbi_step  # noqa: F401
+    from slbi_triton.kernels import triton_step  # noqa: F401
     info["triton_kernels_import"] = True
 except ImportError as exc:
     info["triton_kernels_import"] = f"failed: {exc}"
@@ -232,6 +240,9 @@ fi
 run_stage compile 40 "$PY" -m benchmarks.compile_overhead --device "$DEVICE" --steps 20
 
 run_stage graph 45 "$PY" -m benchmarks.cuda_parity --device "$DEVICE" --checks "$GRAPH_CHECKS" --json "$OUT/graph.json"
+
+# No GPU needed, but this machine's Triton is the one whose code runs here.
+run_stage static 60 "$PY" -m benchmarks.gpu_static "${STATIC_ARGS[@]}" --json "$OUT/static.json"
 
 # Last: the benchmark table rewrites its JSON after every set, so a cut run keeps figures.
 run_stage bench 130 "$PY" -m benchmarks.report "${BENCH_ARGS[@]}" --json "$OUT/bench.json" --markdown "$OUT/bench.md"

@@ -7,8 +7,8 @@ and a stored ``gamma_buffer`` (Γ), takes a full copy of ``W`` every step
 (``last_p = copy.deepcopy(p.data)``), materialises the whole update as a temporary, then
 recomputes and stores ``Γ = κ·prox(Z)`` after the ``Z`` update so the next step can read
 it. This module keeps that structure and its memory traffic, as the baseline the fused
-implementation replaces, while computing exactly the math of DESIGN.md §1 so benchmarks
-compare equal work. Where the original differs from §1 this module follows §1:
+implementation replaces, while computing exactly the update of ``docs/design.md`` so
+benchmarks compare equal work. Where the original differs from it this module follows it:
 
 - weight decay enters the gradient before momentum (``u = g + wd·W``, the
   ``torch.optim.SGD`` convention); the original adds ``wd·W`` to the momentum buffer itself
@@ -124,7 +124,7 @@ class PaperSLBI(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One SLBI step over every parameter that has a gradient (DESIGN.md §1)."""
+        """One SLBI step over every parameter that has a gradient (``docs/design.md``, "The update")."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

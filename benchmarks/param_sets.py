@@ -3,7 +3,9 @@
 Every set is a list of ``(name, shape)`` pairs, named and ordered as ``named_parameters()`` of
 the corresponding model would give them, so benchmarks exercise the optimizer on realistic
 tensor populations without torchvision, timm or a forward pass. ``make_params`` materialises
-a set as ``nn.Parameter`` objects with random values and random gradients.
+a set as ``nn.Parameter`` objects with random values and random gradients; a
+:class:`SetSpec` is a set to benchmark (``"resnet50@bfloat16"``: :func:`named_set`), or a
+point of a tensor count × size sweep (:func:`sweep_grid`).
 
 Every set function takes ``scale``: an integer divisor of all hidden widths (channels,
 embedding and MLP sizes), so CI can run the same topology at tiny sizes (see
@@ -24,7 +26,8 @@ set               parameters    reference
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -220,6 +223,14 @@ def sweep_set(count: int, numel: int) -> ParamShapes:
     return [(f"sweep.{i}.weight", conv_shape if i % 2 == 0 else (rows, cols)) for i in range(count)]
 
 
+def penalty_of(shape: Sequence[int]) -> str:
+    """The penalty ``penalty="auto"`` gives a tensor of ``shape`` (docs/design.md): group
+    for ≥ 3-D, l1 for 2-D, none otherwise."""
+    if len(shape) >= 3:
+        return "group"
+    return "l1" if len(shape) == 2 else "none"
+
+
 def numel_of(shapes: ParamShapes) -> int:
     """Total number of elements in a parameter set."""
     return sum(math.prod(shape) for _, shape in shapes)
@@ -245,3 +256,68 @@ def make_params(
         param.grad = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         params.append((name, param))
     return params
+
+
+# -- benchmark specifications ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    """A parameter set to benchmark: its name, shapes and dtype."""
+
+    name: str
+    shapes: ParamShapes = field(repr=False)
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def label(self) -> str:
+        """``name``, with ``@dtype`` appended when it is not float32."""
+        if self.dtype == torch.float32:
+            return self.name
+        return f"{self.name}@{str(self.dtype).removeprefix('torch.')}"
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def size_label(numel: int) -> str:
+    """``1024`` → ``"1K"``, ``4194304`` → ``"4M"`` (binary prefixes)."""
+    for unit, shift in (("M", 20), ("K", 10)):
+        if numel >= 1 << shift and numel % (1 << shift) == 0:
+            return f"{numel >> shift}{unit}"
+    return str(numel)
+
+
+def named_set(spec: str, scale: int = 1) -> SetSpec:
+    """A named set, ``"resnet50"`` or ``"resnet50@bfloat16"``, at width divisor ``scale``."""
+    name, _, dtype = spec.partition("@")
+    if name not in PARAM_SETS:
+        raise ValueError(f"unknown parameter set {name!r}; known: {sorted(PARAM_SETS)}")
+    return SetSpec(name, PARAM_SETS[name](scale=scale), parse_dtype(dtype) if dtype else torch.float32)
+
+
+def sweep_grid(counts: Iterable[int], sizes: Iterable[int], max_total: int) -> list[SetSpec]:
+    """Sweep sets ``count × size`` with at most ``max_total`` elements in all."""
+    specs = []
+    for count in counts:
+        for size in sizes:
+            if count * size <= max_total:
+                specs.append(SetSpec(f"sweep/{count}x{size_label(size)}", sweep_set(count, size)))
+    return specs
+
+
+CPU_SWEEP = {"counts": (10, 100, 1000), "sizes": (1 << 10, 1 << 15, 1 << 22), "max_total": 48 << 20}
+"""The CPU sweep: 7 points up to 48M elements (2 cores, 24 GiB shared)."""
+GPU_SWEEP = {"counts": (10, 100, 1000), "sizes": (1 << 10, 1 << 14, 1 << 18, 1 << 22), "max_total": 512 << 20}
+"""The GPU sweep: 11 points up to 512M elements."""
+QUICK_SWEEP = {"counts": (10, 100), "sizes": (1 << 6, 1 << 10), "max_total": 1 << 20}
+"""The CI sweep: tiny tensors, same code path."""

@@ -12,15 +12,19 @@ barrier for a descheduled sibling turn microsecond steps into tens of millisecon
 which measures the neighbours, not the optimizers. The training iterations compare SLBI
 with the SGD variants (the paper baseline is in the step table).
 
-The targets of issue 5 are printed last, each with the measured value and PASS/FAIL;
-they are reported, never asserted (the exit status is 0 unless the run itself breaks,
-or ``--fail-on-target`` is given).
+After the step table comes the bandwidth model (``benchmarks.accounting``): per set, the
+bytes a step of the default SLBI, of ``SLBI(state_dtype=torch.bfloat16)`` and of
+``SGD(fused=True)`` must move, the floor time that implies at the measured copy bandwidth,
+and the measured step as a percentage of that floor. The targets (``benchmarks.targets``)
+come last, each with the measured value and PASS/FAIL; they are reported, never asserted
+(the exit status is 0 unless the run itself breaks, or ``--fail-on-target`` is given).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -29,12 +33,35 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks import harness as bh
+from benchmarks.accounting import set_stats
+from benchmarks.contenders import (
+    FAMILY_SGD,
+    FAMILY_SLBI,
+    SGD_HPARAMS,
+    SLBI_HPARAMS,
+    Contender,
+    contenders_for,
+    default_contender_name,
+)
+from benchmarks.harness import Row, TrainRow, bench_set, bench_train
+from benchmarks.param_sets import (
+    CPU_SWEEP,
+    GPU_SWEEP,
+    QUICK_SCALE,
+    QUICK_SWEEP,
+    SetSpec,
+    named_set,
+    sweep_grid,
+)
+from benchmarks.tables import floor_table, step_table, target_table, train_table
+from benchmarks.targets import Target, evaluate_targets
+from benchmarks.timing import copy_bandwidth, cpu_kernel_build_seconds
 
 ALL_SETS = ("lenet5", "resnet20", "resnet18", "resnet50", "vit_b16")
 TRAIN_MODELS = ("lenet", "resnet20")
@@ -85,9 +112,9 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def estimated_bytes(spec: bh.SetSpec, contenders: Sequence[bh.Contender]) -> int:
+def estimated_bytes(spec: SetSpec, contenders: Sequence[Contender]) -> int:
     """Rough peak memory of ``bench_set``: per contender W, g and up to 3 state copies."""
-    stats = bh.set_stats(spec.shapes, spec.dtype)
+    stats = set_stats(spec.shapes, spec.dtype)
     return stats.param_bytes * 5 * len(contenders) + stats.param_bytes * 2
 
 
@@ -133,141 +160,187 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark and print the summary; returns the exit status."""
-    args = build_parser().parse_args(argv)
+@dataclass
+class Settings:
+    """How this run measures (from the command line and the device)."""
+
+    device: torch.device
+    quick: bool
+    rounds: int
+    warmup: int
+    min_sample_s: float
+    train_batch: int
+    copy_bytes: int
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Defaults by device and ``--quick``; sets torch's thread count."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    quick = args.quick
+    quick, cuda = args.quick, device.type == "cuda"
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    cuda = device.type == "cuda"
-    rounds = args.rounds or (3 if quick else 15 if cuda else 5)
-    warmup = args.warmup if args.warmup is not None else (1 if quick else 3 if cuda else 2)
-    min_sample = args.min_sample if args.min_sample is not None else (
-        0.002 if quick else 0.01 if cuda else 0.02)
-    batch = args.train_batch or (8 if quick else 128)
-    copy_bytes = args.copy_bytes or ((8 << 20) if quick else (1 << 30) if cuda else (256 << 20))
-    scale = bh.QUICK_SCALE if quick else 1
+    return Settings(
+        device=device, quick=quick,
+        rounds=args.rounds or (3 if quick else 15 if cuda else 5),
+        warmup=args.warmup if args.warmup is not None else (1 if quick else 3 if cuda else 2),
+        min_sample_s=args.min_sample if args.min_sample is not None else (
+            0.002 if quick else 0.01 if cuda else 0.02),
+        train_batch=args.train_batch or (8 if quick else 128),
+        copy_bytes=args.copy_bytes or ((8 << 20) if quick else (1 << 30) if cuda else (256 << 20)),
+    )
 
-    specs = [bh.named_set(s.strip(), scale) for s in args.sets.split(",") if s.strip()]
+
+def specs_from(args: argparse.Namespace, settings: Settings) -> list[SetSpec]:
+    """The named sets, then the sweep grid."""
+    scale = QUICK_SCALE if settings.quick else 1
+    specs = [named_set(s.strip(), scale) for s in args.sets.split(",") if s.strip()]
     sweep = args.sweep
     if sweep == "auto":
-        sweep = "quick" if quick else ("gpu" if cuda else "cpu")
+        sweep = "quick" if settings.quick else ("gpu" if settings.device.type == "cuda" else "cpu")
     if sweep != "none":
-        grid = {"cpu": bh.CPU_SWEEP, "gpu": bh.GPU_SWEEP, "quick": bh.QUICK_SWEEP}[sweep]
-        specs += bh.sweep_grid(**grid)
-    names = [c.strip() for c in args.contenders.split(",")] if args.contenders else None
-    contenders = bh.contenders_for(device, names)
-    only = parse_only(args.only)
-    default = bh.default_contender_name(device)
-    if default not in {c.name for c in contenders}:
-        default = next((c.name for c in contenders if c.family == bh.FAMILY_SLBI), default)
+        specs += sweep_grid(**{"cpu": CPU_SWEEP, "gpu": GPU_SWEEP, "quick": QUICK_SWEEP}[sweep])
+    return specs
 
-    started = time.time()
+
+def run_meta(argv: Sequence[str] | None, settings: Settings, contenders: Sequence[Contender],
+             default: str) -> dict[str, Any]:
+    """What the JSON and Markdown record about the run."""
     root = Path(__file__).resolve().parent.parent
-    meta: dict[str, Any] = {
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(root),
-        "device": str(device),
-        "machine": machine_description(device),
+        "device": str(settings.device),
+        "machine": machine_description(settings.device),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _triton_version(),
         "command": "python -m benchmarks.report " + " ".join(argv if argv is not None else sys.argv[1:]),
         "default_contender": default,
         "contenders": {c.name: c.description for c in contenders},
-        "rounds": rounds, "warmup": warmup, "min_sample_s": min_sample,
-        "hparams": {"slbi": bh.SLBI_HPARAMS, "sgd": bh.SGD_HPARAMS},
+        "rounds": settings.rounds, "warmup": settings.warmup, "min_sample_s": settings.min_sample_s,
+        "hparams": {"slbi": SLBI_HPARAMS, "sgd": SGD_HPARAMS},
     }
-    print(f"# slbi-triton benchmark  {meta['date']}  commit {meta['commit']}", flush=True)
-    print(f"# {meta['device']}: {meta['machine']}; torch {meta['torch']}, triton {meta['triton']}",
-          flush=True)
-    copy_bw = bh.copy_bandwidth(device, copy_bytes)
-    meta["copy_bandwidth_gbs"] = copy_bw / 1e9
-    print(f"# copy bandwidth floor: {copy_bw / 1e9:.1f} GB/s ({copy_bytes >> 20} MiB copy_)", flush=True)
-    print(f"# contenders: {', '.join(c.name for c in contenders)}; default SLBI: {default}", flush=True)
-    if device.type == "cpu":
-        # The C kernel's one-off build (the torch backend's "compile cost" on the CPU);
-        # afterwards it is loaded from the disk cache, so the tables' 1st step omits it.
-        meta["cpu_kernel_build_s"] = bh.cpu_kernel_build_seconds()
-        built = meta["cpu_kernel_build_s"]
-        print("# CPU kernel build (float32, empty cache): "
-              + ("no C compiler" if built is None else f"{built:.2f}s"), flush=True)
 
-    rows: list[bh.Row] = []
-    train_rows: list[bh.TrainRow] = []
 
-    def write_json(complete: bool) -> None:
-        """(Re)write the JSON file: after every set, so a run cut short keeps its figures."""
-        if args.json is None:
+class Run:
+    """The rows of one report run, rewritten to JSON after every set (a run cut short
+    keeps its figures)."""
+
+    def __init__(self, meta: dict[str, Any], json_path: Path | None, default: str, device: torch.device):
+        self.meta, self.json_path, self.default, self.device = meta, json_path, default, device
+        self.rows: list[Row] = []
+        self.train_rows: list[TrainRow] = []
+        self.started = time.time()
+
+    def targets(self) -> list[Target]:
+        return evaluate_targets(self.rows, self.device, self.default)
+
+    def write_json(self, complete: bool) -> None:
+        if self.json_path is None:
             return
-        meta["complete"] = complete
-        meta["elapsed_s"] = time.time() - started
+        self.meta["complete"] = complete
+        self.meta["elapsed_s"] = time.time() - self.started
         payload = {
-            "meta": meta,
-            "rows": [r.to_json() for r in rows],
-            "train": [r.to_json() for r in train_rows],
-            "targets": [{**t.__dict__, "verdict": t.verdict}
-                        for t in bh.evaluate_targets(rows, device, default)],
+            "meta": self.meta,
+            "rows": [r.to_json() for r in self.rows],
+            "train": [r.to_json() for r in self.train_rows],
+            "targets": [{**t.__dict__, "verdict": t.verdict} for t in self.targets()],
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_clean(payload), indent=1, default=str))
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        self.json_path.write_text(json.dumps(_clean(payload), indent=1, default=str))
 
+
+def bench_sets(run: Run, specs: Sequence[SetSpec], contenders: Sequence[Contender], only: dict[str, set[str]],
+               settings: Settings, copy_bw: float) -> None:
+    """Every set, skipping those that would not fit in memory."""
     for spec in specs:
         chosen = [c for c in contenders if c.name not in only or spec.label in only[c.name]]
-        need, free = estimated_bytes(spec, chosen), available_bytes(device)
+        need, free = estimated_bytes(spec, chosen), available_bytes(settings.device)
         if free is not None and need > 0.8 * free:
             print(f"# skip {spec.label}: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free",
                   flush=True)
             continue
         t0 = time.time()
-        set_rows = bh.bench_set(spec, chosen, device, rounds=rounds, warmup=warmup,
-                                min_sample_s=min_sample, copy_bw=copy_bw)
-        rows += set_rows
+        set_rows = bench_set(spec, chosen, settings.device, rounds=settings.rounds, warmup=settings.warmup,
+                             min_sample_s=settings.min_sample_s, copy_bw=copy_bw)
+        run.rows += set_rows
         summary = ", ".join(
             f"{r.contender} {r.ratio_to_sgd:.2f}x" if r.ratio_to_sgd is not None else f"{r.contender} ERR"
             for r in set_rows
         )
         print(f"# {spec.label} ({time.time() - t0:.1f}s): {summary}", flush=True)
-        write_json(complete=False)
+        run.write_json(complete=False)
 
+
+def bench_training(run: Run, contenders: Sequence[Contender], settings: Settings) -> None:
+    """The training iterations: the SGD variants and the default SLBI."""
+    cuda = settings.device.type == "cuda"
+    chosen = [c for c in contenders if c.family == FAMILY_SGD or c.name == run.default]
+    for model in TRAIN_MODELS:
+        t0 = time.time()
+        run.train_rows += bench_train(
+            model, chosen, settings.device, batch=settings.train_batch,
+            rounds=settings.rounds if cuda or settings.quick else 3, warmup=settings.warmup if cuda else 1,
+            min_sample_s=settings.min_sample_s if cuda else 0.0,
+        )
+        print(f"# train {model} ({time.time() - t0:.1f}s)", flush=True)
+        run.write_json(complete=False)
+
+
+def tables_text(run: Run, markdown: bool = False) -> str:
+    """The step table, the floor model, the training table and the targets."""
+    floor = (run.default, "slbi-bf16", "sgd-fused")
+    parts = [step_table(run.rows, markdown), "",
+             f"bandwidth floor at the copy bandwidth ({run.meta['copy_bandwidth_gbs']:.1f} GB/s):",
+             floor_table(run.rows, floor, markdown), ""]
+    if run.train_rows:
+        parts += [train_table(run.train_rows, markdown), ""]
+    parts.append(target_table(run.targets(), markdown))
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print the summary; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)
+    device = settings.device
+    names = [c.strip() for c in args.contenders.split(",")] if args.contenders else None
+    contenders = contenders_for(device, names)
+    default = default_contender_name(device)
+    if default not in {c.name for c in contenders}:
+        default = next((c.name for c in contenders if c.family == FAMILY_SLBI), default)
+    run = Run(run_meta(argv, settings, contenders, default), args.json, default, device)
+    meta = run.meta
+    say = functools.partial(print, flush=True)
+    say(f"# slbi-triton benchmark  {meta['date']}  commit {meta['commit']}")
+    say(f"# {meta['device']}: {meta['machine']}; torch {meta['torch']}, triton {meta['triton']}")
+    copy_bw = copy_bandwidth(device, settings.copy_bytes)
+    meta["copy_bandwidth_gbs"] = copy_bw / 1e9
+    say(f"# copy bandwidth floor: {copy_bw / 1e9:.1f} GB/s ({settings.copy_bytes >> 20} MiB copy_)")
+    say(f"# contenders: {', '.join(c.name for c in contenders)}; default SLBI: {default}")
+    if device.type == "cpu":
+        # The C kernel's one-off build; afterwards it loads from the disk cache, so the
+        # tables' first step omits it.
+        built = meta["cpu_kernel_build_s"] = cpu_kernel_build_seconds()
+        say("# CPU kernel build (float32, empty cache): "
+            + ("no C compiler" if built is None else f"{built:.2f}s"))
+    bench_sets(run, specs_from(args, settings), contenders, parse_only(args.only), settings, copy_bw)
     if not args.no_train:
-        train_names = [c for c in contenders if c.family == bh.FAMILY_SGD or c.name == default]
-        for model in TRAIN_MODELS:
-            t0 = time.time()
-            train_rows += bh.bench_train(model, train_names, device, batch=batch,
-                                         rounds=rounds if cuda or quick else 3, warmup=warmup if cuda else 1,
-                                         min_sample_s=min_sample if cuda else 0.0)
-            print(f"# train {model} ({time.time() - t0:.1f}s)", flush=True)
-            write_json(complete=False)
-
-    targets = bh.evaluate_targets(rows, device, default)
-    meta["elapsed_s"] = time.time() - started
+        bench_training(run, contenders, settings)
     print()
-    print(bh.step_table(rows))
-    if train_rows:
-        print()
-        print(bh.train_table(train_rows))
-    print()
-    print(bh.target_table(targets))
-    print(f"\n# {len(rows)} rows in {meta['elapsed_s']:.0f}s; ratios are medians measured side by side "
-          "in this run", flush=True)
-    write_json(complete=True)
+    print(tables_text(run))
+    print(f"\n# {len(run.rows)} rows in {time.time() - run.started:.0f}s; ratios are medians measured "
+          "side by side in this run", flush=True)
+    run.write_json(complete=True)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        parts = [f"{meta['date']}, {meta['device']}: {meta['machine']}, torch {meta['torch']}, "
-                 f"commit {meta['commit']}, copy floor {copy_bw / 1e9:.1f} GB/s", "",
-                 bh.step_table(rows, markdown=True), ""]
-        if train_rows:
-            parts += [bh.train_table(train_rows, markdown=True), ""]
-        parts += [bh.target_table(targets, markdown=True), ""]
-        args.markdown.write_text("\n".join(parts))
-    if args.fail_on_target and any(t.passed is False for t in targets):
-        return 1
-    return 0
+        head = (f"{meta['date']}, {meta['device']}: {meta['machine']}, torch {meta['torch']}, "
+                f"commit {meta['commit']}, copy floor {copy_bw / 1e9:.1f} GB/s")
+        args.markdown.write_text(head + "\n\n" + tables_text(run, markdown=True) + "\n")
+    return 1 if args.fail_on_target and any(t.passed is False for t in run.targets()) else 0
 
 
 def _triton_version() -> str:

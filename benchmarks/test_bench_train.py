@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import harness as bh
+from benchmarks import contenders, harness
 
 pytest.importorskip("pytest_benchmark")
 
@@ -21,11 +21,11 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize(("model", "batch"), [("lenet", 8), ("resnet20", 4)])
 def test_train_iteration_overhead(model: str, batch: int) -> None:
-    default = bh.default_contender_name(CPU)
-    contenders = bh.contenders_for(CPU, [default, "sgd-loop", "sgd-foreach", "paper"])
-    rows = bh.bench_train(model, contenders, CPU, batch=batch, rounds=2, warmup=0, reset_compiler=False)
+    default = contenders.default_contender_name(CPU)
+    chosen = contenders.contenders_for(CPU, [default, "slbi-bf16", "sgd-loop", "sgd-foreach", "paper"])
+    rows = harness.bench_train(model, chosen, CPU, batch=batch, rounds=2, warmup=0, reset_compiler=False)
     by_name = {r.contender: r for r in rows}
-    assert set(by_name) == {c.name for c in contenders}
+    assert set(by_name) == {c.name for c in chosen}
     for row in rows:
         assert row.median_s > 0 and row.first_iter_s > 0 and len(row.samples_s) == 2
         assert row.final_loss is not None and math.isfinite(row.final_loss)
@@ -39,13 +39,13 @@ def test_train_iteration_overhead(model: str, batch: int) -> None:
     )
 
 
-@pytest.mark.parametrize("contender", ["slbi-torch", "sgd-foreach"])
+@pytest.mark.parametrize("contender", ["slbi-torch", "slbi-bf16", "sgd-foreach"])
 def test_train_iteration(benchmark, contender: str) -> None:
     from slbi_triton.train.models import build_model
 
     torch.manual_seed(0)
     model = build_model("lenet")
-    opt = bh.ALL_CONTENDERS[contender].build(list(model.named_parameters()))
+    opt = contenders.ALL_CONTENDERS[contender].build(list(model.named_parameters()))
     images, labels = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     loss_fn = nn.CrossEntropyLoss()
 

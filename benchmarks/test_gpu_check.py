@@ -65,15 +65,22 @@ def test_summary_from_partial_results(tmp_path: Path) -> None:
     (tmp_path / "pytest.log").write_text(pytest_log)
     graph = {"graph": {"ok": False, "error": "RuntimeError: capture"}}
     (tmp_path / "graph.json").write_text(json.dumps(graph))
-    row = {"set": "resnet50", "median_s": 2e-4, "first_step_s": 1.5, "second_step_s": 1e-3,
-           "floor_share": 0.85, "dispatches": 1, "peak_extra_bytes": 0, "error": None}
+    row = {"set": "resnet50", "median_s": 2e-4, "first_step_s": 1.5, "second_step_s": 1e-3, "floor_s": 1.7e-4,
+           "floor_share": 0.85, "step_bytes": 715e6, "ratio_to_fused": 1.25, "dispatches": 1,
+           "peak_extra_bytes": 0, "error": None}
     (tmp_path / "bench.json").write_text(json.dumps({
         "meta": {"default_contender": "slbi-triton", "copy_bandwidth_gbs": 4000, "complete": False},
-        "rows": [{**row, "contender": "slbi-triton"}, {**row, "contender": "sgd-fused", "median_s": 1.6e-4}],
+        "rows": [{**row, "contender": "slbi-triton"},
+                 {**row, "contender": "sgd-fused", "median_s": 1.6e-4, "ratio_to_fused": 1.0}],
         "train": [],
         "targets": [{"name": "GPU slbi-triton step vs SGD(fused=True) (resnet50)", "measured": "1.25x",
                      "threshold": "<= 1.50x", "verdict": "PASS"}],
     }))
+    static = [{"arch": "sm_90", "variant": "fp32 i32", "regs": 40, "stack": 0, "spill": 0,
+               "vector_accesses": 21, "accesses": 21, "problems": []},
+              {"arch": "sm_90", "variant": "fp64 i64 amp", "regs": 140, "stack": 8, "spill": 2,
+               "vector_accesses": 21, "accesses": 21, "problems": ["140 registers > 128"]}]
+    (tmp_path / "static.json").write_text(json.dumps(static))
     text = summarize(tmp_path, "env:0:3,parity:1:20,bench:124:130,", 150)
     assert "NVIDIA H200" in text and "commit abc" in text
     assert "parity: 1/2 checks ok; FAILED: bfloat16 triton vs torch" in text
@@ -82,4 +89,7 @@ def test_summary_from_partial_results(tmp_path: Path) -> None:
     assert "torch.compile: no result" in text
     assert "PARTIAL" in text and "bench rc=124 130s" in text
     assert "1.25" in text and "PASS" in text
-    assert summarize(tmp_path / "missing").count("no result") == 4
+    resnet50 = next(line for line in text.splitlines() if line.startswith("resnet50  slbi-triton"))
+    assert resnet50.split()[2:6] == ["1.25", "200.0", "170.0", "85"]  # x fused, median, floor, % floor
+    assert "static (compiled, not measured): 1/2 variants ok" in text and "140 registers > 128" in text
+    assert summarize(tmp_path / "missing").count("no result") == 5

@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from benchmarks.harness import interleaved_medians
+from benchmarks.timing import interleaved_medians
 from slbi_triton import SLBI
 
 

@@ -7,7 +7,8 @@ defines) and the torch reference all read tables built here:
 - the **chunk table** (int32, int64 once an offset reaches 2**31): one row per chunk of
   work, a chunk being up to ``rows_per_chunk`` rows of one parameter; a row is one filter
   ``Z_g`` for the group penalty (so a chunk owns whole groups and reduces ``‖Z_g‖``
-  without atomics) and ``row_len`` consecutive elements otherwise;
+  without atomics) and ``row_len`` consecutive elements otherwise (an l1/"none" chunk
+  starts ``SLOT_ALIGNMENT``-aligned; rows × row_len fits the table's integer type);
 - the **flag word** per parameter (int32): whether it takes part in this step and whether
   its momentum buffer holds ``v_t``;
 - the **hyper-parameter table** (float64, one row per param group).
@@ -80,16 +81,28 @@ class Geometry:
     Attributes:
         rows_per_chunk: rows per chunk (one Triton program, or one unit of OpenMP work).
         row_len: elements per row of an l1/"none" parameter (a multiple of ``col_multiple``).
-        col_multiple: a short l1/"none" parameter gets rows of a multiple of this length.
+        col_multiple: a short l1/"none" parameter gets rows of a multiple of this length
+            (a multiple of ``SLOT_ALIGNMENT``, so every l1/"none" chunk starts aligned).
+        long_group: groups of more than this many elements get one chunk per group (a
+            GPU program then walks one long row instead of a few rows at a time); ``None``:
+            every group chunk has ``rows_per_chunk`` rows.
     """
 
     rows_per_chunk: int
     row_len: int
     col_multiple: int
+    long_group: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.col_multiple % SLOT_ALIGNMENT or self.row_len % self.col_multiple:
+            raise ValueError(f"{self}: col_multiple must be a multiple of {SLOT_ALIGNMENT} "
+                             "and row_len a multiple of col_multiple")
 
 
-TRITON_GEOMETRY = Geometry(rows_per_chunk=8, row_len=8192, col_multiple=256)
-"""One program covers 8 filters, or 64K elements of an l1/"none" parameter."""
+TRITON_GEOMETRY = Geometry(rows_per_chunk=8, row_len=1024, col_multiple=256, long_group=1024)
+"""One program covers 8 filters of up to 1024 elements, one longer filter, or 8K elements
+of an l1/"none" parameter: short programs, so that the last ones to start (the table puts
+the longest first) end soon after the rest."""
 CPU_GEOMETRY = Geometry(rows_per_chunk=32, row_len=2048, col_multiple=256)
 """One unit of OpenMP work: 32 filters, or 64K elements of an l1/"none" parameter."""
 
@@ -118,7 +131,9 @@ def index_dtype(numel: int, num_norms: int) -> torch.dtype:
 
 
 def chunk_table(spans: Sequence[SlotSpan], geometry: Geometry, numel: int, num_norms: int) -> Tensor:
-    """The chunk table of a bucket (on the CPU; the caller moves it once to the device).
+    """The chunk table of a bucket (on the CPU; the caller moves it once to the device),
+    longest chunks first (the rest in layout order), so that kernels that hand out chunks
+    in table order finish the long ones while short ones fill the remaining workers.
 
     Args:
         spans: the bucket's parameters, in bucket order (a chunk's ``CHUNK_SLOT`` is the
@@ -129,8 +144,11 @@ def chunk_table(spans: Sequence[SlotSpan], geometry: Geometry, numel: int, num_n
     rows: list[list[int]] = []
     for slot_index, span in enumerate(spans):
         end = span.offset + span.numel
+        rows_per_chunk = geometry.rows_per_chunk
         if span.penalty == "group":
             row_len, total_rows = span.group_size, span.num_groups
+            if geometry.long_group is not None and row_len > geometry.long_group:
+                rows_per_chunk = 1
         else:
             # Rows of ``row_len`` elements; a parameter smaller than one chunk gets shorter
             # rows (whole ``col_multiple`` tiles), so its chunk has no masked-out iterations.
@@ -138,11 +156,11 @@ def chunk_table(spans: Sequence[SlotSpan], geometry: Geometry, numel: int, num_n
             tiles = max(1, -(-per_row // geometry.col_multiple))
             row_len = min(geometry.row_len, tiles * geometry.col_multiple)
             total_rows = -(-span.numel // row_len)  # 0 for an empty parameter: no chunk
-        for first_row in range(0, total_rows, geometry.rows_per_chunk):
+        for first_row in range(0, total_rows, rows_per_chunk):
             rows.append(
                 [
                     span.offset + first_row * row_len,
-                    min(geometry.rows_per_chunk, total_rows - first_row),
+                    min(rows_per_chunk, total_rows - first_row),
                     row_len,
                     end,
                     slot_index,
@@ -151,6 +169,7 @@ def chunk_table(spans: Sequence[SlotSpan], geometry: Geometry, numel: int, num_n
                     span.norm_offset + first_row if span.penalty == "group" else 0,
                 ]
             )
+    rows.sort(key=lambda r: -min(r[CHUNK_ROWS] * r[CHUNK_ROW_LEN], r[CHUNK_END] - r[CHUNK_START]))
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, CHUNK_FIELDS)
     return table.to(index_dtype(numel, num_norms))
 

@@ -1,11 +1,38 @@
 """The CUDA implementation of ``slbi_triton::bucket_step``: one Triton launch per bucket.
 
 The kernel reads the tables of the kernel ABI (:mod:`.abi`) and implements the update of
-``docs/design.md`` per element, in float32 (float64 for float64 buckets). ``‖Z_g‖`` of
-``Z_t`` comes from the group-norm table written by the previous step; this step writes
-``‖Z_{t+1,g}‖`` for the next one. Each program owns whole groups, so the norms are plain
-per-program reductions: deterministic, no atomics. Each of W, Z, g, v is read once and W,
-Z, v written once.
+``docs/design.md`` per element, in float32 (float64 for float64 buckets, hyper-parameters
+included). ``‖Z_g‖`` of ``Z_t`` comes from the group-norm table written by the previous
+step; this step writes ``‖Z_{t+1,g}‖`` for the next one. Each program owns whole groups,
+so the norms are plain per-program reductions: deterministic, no atomics. Each of W, Z,
+g, v is read once and W, Z, v written once.
+
+It is built for memory bandwidth (``docs/design.md``, "The kernel ABI"): every parameter
+starts 16-element aligned in the flat buffers and its padding is zero, so a program (one
+chunk) takes one of three paths, chosen per chunk at run time:
+
+- **stream**: l1 and "none" chunks, and a group chunk of one row whose length is a
+  multiple of ``ALIGN``: a 1-D loop over the chunk, its end rounded up into the zero
+  padding, so every ``ALIGN`` elements are wholly in or out and W, g, Z, v move as
+  128-bit vectors (64-bit for the bfloat16 Z and v of a float32 bucket);
+- **aligned rows**: group chunks whose group size is a multiple of ``ALIGN`` (every row
+  then starts aligned): a ``[ROWS, COLS]`` tile per iteration, one group a row, also with
+  128-bit vectors;
+- **scalar rows**: the other group chunks (group sizes such as 25 or 147): a narrower
+  tile without alignment, element by element.
+
+Alignment is proven to the compiler arithmetically (``(x // ALIGN) * ALIGN`` of a value
+that is a multiple of ``ALIGN`` in that branch), never by a hint on a shared value, which
+would also mark the scalar path aligned. ``python -m benchmarks.gpu_static`` compiles
+every variant for sm_80 and sm_90 and checks registers, spills and the 128-bit accesses.
+
+The arithmetic is that of ``functional.bucket_step_reference``, operation by operation,
+with no contraction into FMAs (``enable_fp_fusion=False``): under the interpreter W, Z and
+v are bit-identical to it (stochastic rounding included; bfloat16 parameters aside, which
+the interpreter rounds by truncation), and the group norms agree to a few ulps (sums in
+another order). On a GPU, ``/`` and ``sqrt`` are Triton's fast float32 versions (within 2
+ulp): IEEE ones call a slow-path subroutine that costs registers and spills; float64
+buckets multiply by 1/μ instead of dividing by μ (within 1 ulp).
 
 Mixed precision (``torch.amp.GradScaler``): the gradients are multiplied by ``1/scale`` as
 they are loaded, and when ``found_inf`` is non-zero every program stores nothing, so a
@@ -13,6 +40,8 @@ step with inf/NaN gradients leaves W, Z, v and the norms as they were, with no h
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -42,6 +71,12 @@ _HP_WEIGHT_DECAY = tl.constexpr(abi.HP_WEIGHT_DECAY)
 _PENALTY_GROUP = tl.constexpr(abi.PENALTY_CODES["group"])
 _RNG_SEED = tl.constexpr(abi.RNG_SEED)
 _RNG_STEP = tl.constexpr(abi.RNG_STEP)
+_SLOT_ALIGNMENT = tl.constexpr(abi.SLOT_ALIGNMENT)
+
+NUM_WARPS = 4
+"""Warps per program: 128 threads, few live values each."""
+VECTOR_BYTES = 16
+"""The widest global access (``ld.global.v4.b32``)."""
 
 
 @triton.jit
@@ -61,6 +96,16 @@ def _sr_hash(seed, step, index):
 
 
 @triton.jit
+def _flat_index(start, offs):
+    """The flat element index ``start + offs`` as int64; with int32 tables it is below
+    2**31, so it is widened with a zero high word, which the compiler then folds away."""
+    index = start + offs
+    if index.dtype == tl.int32:
+        index = index.to(tl.uint32)
+    return index.to(tl.int64)
+
+
+@triton.jit
 def _round_bf16_stochastic(value, random16):
     """float32 -> bfloat16, rounded up in magnitude with probability (dropped bits)/2**16."""
     bits = value.to(tl.uint32, bitcast=True)
@@ -68,6 +113,147 @@ def _round_bf16_stochastic(value, random16):
     nan_bit = tl.where((bits & 0x007FFFFF) != 0, 0x0040, 0).to(tl.uint32)
     rounded = tl.where(special, (bits >> 16) | nan_bit, (bits + random16) >> 16)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _over_mu(residual, mu):
+    """``residual / μ`` per element. float64 division is always IEEE-rounded, and its
+    slow-path call costs about 54 registers per thread: a product with 1/μ instead (within
+    1 ulp). float32 ``/`` is Triton's fast division (within 2 ulp; exact when interpreted)."""
+    if residual.dtype == tl.float64:
+        return residual * (1.0 / mu)
+    else:
+        return residual / mu
+
+
+@triton.jit
+def _update_tile(
+    w_ptr, g_ptr, z_ptr, v_ptr, offs, index, mask, z_mask, v_load_mask, v_store_mask, penalised,
+    momentum_history, group_scale, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, mu,
+    lr_kappa, lr_over_mu, seed, step,
+    GROUP: tl.constexpr, COMPUTE: tl.constexpr, HAS_INV_SCALE: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr,
+):
+    """One tile of the update (docs/design.md, "The update"): loads W, g at ``offs`` where
+    ``mask``, Z where ``z_mask``, v where ``v_load_mask``; stores W, Z, v (v where
+    ``v_store_mask``) and returns the stored Z (as ``COMPUTE``, 0 outside ``z_mask``) for
+    the group norms. ``GROUP``: the group penalty (Z shrunk by ``group_scale``), else l1
+    where ``penalised`` and "none" elsewhere. The operations are those of
+    ``functional.slbi_update_``, in its order. (The callers build masks by comparing with
+    bounds: ``mask & flag`` with a scalar ``flag`` is an int32 mask in the interpreter.)"""
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    z = tl.load(z_ptr + offs, mask=z_mask, other=0.0).to(COMPUTE)
+    v = tl.load(v_ptr + offs, mask=v_load_mask, other=0.0).to(COMPUTE)
+    if HAS_INV_SCALE:
+        g = g * inv_scale
+    u = g + weight_decay * w
+    v_new = tl.where(momentum_history, rho * v + one_minus_dampening * u, u)
+    if GROUP:
+        residual = w - kappa * z * group_scale
+        w_new = w - lr_kappa * (v_new + _over_mu(residual, mu))
+    else:
+        residual = w - kappa * (tl.where(z >= 0.0, 1.0, -1.0) * tl.maximum(tl.abs(z) - lam, 0.0))
+        w_pen = w - lr_kappa * (v_new + _over_mu(residual, mu))
+        w_new = tl.where(penalised, w_pen, w - lr_kappa * v_new)
+    z_next = z + lr_over_mu * residual
+    if STOCHASTIC_ROUNDING:
+        bits = _sr_hash(seed, step, index)
+        z_new = _round_bf16_stochastic(z_next, bits & 0xFFFF)
+        v_stored = _round_bf16_stochastic(v_new, bits >> 16)
+    else:
+        z_new = z_next.to(z_ptr.dtype.element_ty)
+        v_stored = v_new.to(v_ptr.dtype.element_ty)
+    tl.store(w_ptr + offs, w_new.to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(z_ptr + offs, z_new, mask=z_mask)
+    tl.store(v_ptr + offs, v_stored, mask=v_store_mask)
+    return tl.where(z_mask, z_new.to(COMPUTE), 0.0)
+
+
+@triton.jit
+def _group_scale(norm, lam):
+    """max(0, 1 − λ/‖Z_g‖) of ``Z_t``, 0 where ‖Z_g‖ = 0."""
+    safe_norm = tl.where(norm > 0.0, norm, 1.0)
+    return tl.where(norm > 0.0, tl.maximum(1.0 - lam / safe_norm, 0.0), 0.0)
+
+
+@triton.jit
+def _stream(
+    w_ptr, g_ptr, z_ptr, v_ptr, group_norms_ptr, start, length, norm_offset, live, penalised,
+    momentum_history, use_momentum, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, mu,
+    lr_kappa, lr_over_mu, seed, step,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, COMPUTE: tl.constexpr,
+    HAS_INV_SCALE: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
+):
+    """The 1-D path over ``length`` elements from ``start`` (both multiples of ``ALIGN``):
+    an l1/"none" chunk, or (``GROUP``) a one-row group chunk, whose norm it writes."""
+    start = (start // ALIGN) * ALIGN
+    # Scalar conditions become bounds (an inactive chunk runs no iteration).
+    length = tl.where(live, (length // ALIGN) * ALIGN, 0)
+    z_length = tl.where(penalised, length, 0)
+    v_load_length = tl.where(momentum_history, length, 0)
+    v_store_length = tl.where(use_momentum, length, 0)
+    w_ptr += start
+    g_ptr += start
+    z_ptr += start
+    v_ptr += start
+    group_scale = 0.0
+    if GROUP:
+        group_scale = _group_scale(tl.load(group_norms_ptr + norm_offset), lam)
+    lanes = tl.arange(0, BLOCK)
+    z_sq_sum = tl.zeros([BLOCK], dtype=COMPUTE)
+    for first in range(0, length, BLOCK):
+        offs = first + lanes
+        z_stored = _update_tile(
+            w_ptr, g_ptr, z_ptr, v_ptr, offs, _flat_index(start, offs), offs < length, offs < z_length,
+            offs < v_load_length, offs < v_store_length, penalised, momentum_history, group_scale, inv_scale,
+            weight_decay, rho, one_minus_dampening, kappa, lam, mu, lr_kappa, lr_over_mu, seed, step,
+            GROUP, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+        )
+        if GROUP:
+            z_sq_sum += z_stored * z_stored
+    if GROUP:
+        tl.store(group_norms_ptr + norm_offset, tl.sqrt(tl.sum(z_sq_sum, axis=0)), mask=live)
+
+
+@triton.jit
+def _rows(
+    w_ptr, g_ptr, z_ptr, v_ptr, group_norms_ptr, start, row_len, live_rows, v_load_rows, v_store_rows,
+    norm_offset, momentum_history, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, mu,
+    lr_kappa, lr_over_mu, seed, step,
+    ROWS: tl.constexpr, COLS: tl.constexpr, COMPUTE: tl.constexpr, HAS_INV_SCALE: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr,
+):
+    """The 2-D path over a group chunk: ``[ROWS, COLS]`` tiles, one group a row (rows at
+    or past a bound are masked out); writes the rows' norms. Aligned when the caller
+    passes ``start`` and ``row_len`` in a form the compiler sees as multiples of the
+    vector width."""
+    w_ptr += start
+    g_ptr += start
+    z_ptr += start
+    v_ptr += start
+    rows = tl.arange(0, ROWS)
+    live = rows < live_rows
+    v_load = rows < v_load_rows
+    v_store = rows < v_store_rows
+    row_offs = rows.to(row_len.dtype) * row_len
+    norms = tl.load(group_norms_ptr + norm_offset + rows, mask=live, other=0.0)
+    group_scale = _group_scale(norms, lam)[:, None]
+    cols = tl.arange(0, COLS)
+    z_sq_sum = tl.zeros([ROWS], dtype=COMPUTE)
+    for first in range(0, row_len, COLS):
+        col = first + cols
+        offs = row_offs[:, None] + col[None, :]
+        in_row = (col < row_len)[None, :]
+        mask = live[:, None] & in_row
+        z_stored = _update_tile(
+            w_ptr, g_ptr, z_ptr, v_ptr, offs, _flat_index(start, offs), mask, mask, v_load[:, None] & in_row,
+            v_store[:, None] & in_row, True, momentum_history, group_scale, inv_scale, weight_decay, rho,
+            one_minus_dampening, kappa, lam, mu, lr_kappa, lr_over_mu, seed, step,
+            True, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+        )
+        z_sq_sum += tl.sum(z_stored * z_stored, axis=1)
+    tl.store(group_norms_ptr + norm_offset + rows, tl.sqrt(z_sq_sum), mask=live)
 
 
 @triton.jit
@@ -85,6 +271,9 @@ def _slbi_bucket_kernel(
     found_inf_ptr,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
+    SCALAR_COLS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
     N_CHUNK_FIELDS: tl.constexpr,
     N_HPARAM_FIELDS: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -92,8 +281,9 @@ def _slbi_bucket_kernel(
     HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
 ):
+    # Offsets in the table's integer type: int32 tables keep every offset below 2**31.
     chunk = chunks_ptr + tl.program_id(0).to(tl.int64) * N_CHUNK_FIELDS
-    start = tl.load(chunk + _CHUNK_START).to(tl.int64)
+    start = tl.load(chunk + _CHUNK_START)
     num_rows = tl.load(chunk + _CHUNK_ROWS)
     row_len = tl.load(chunk + _CHUNK_ROW_LEN)
     end = tl.load(chunk + _CHUNK_END)
@@ -123,70 +313,72 @@ def _slbi_bucket_kernel(
         inv_scale = tl.load(inv_scale_ptr).to(COMPUTE)
     seed = tl.load(rng_ptr + _RNG_SEED).to(tl.uint32)
     step = tl.load(rng_ptr + _RNG_STEP).to(tl.uint32)
-
-    penalised = penalty != 0
-    is_group = penalty == _PENALTY_GROUP
     use_momentum = tl.load(hp + _HP_USE_MOMENTUM) != 0.0
     momentum_history = use_momentum & momentum_ready
-
-    # Scalar conditions become row bounds: rows at or past a bound are masked out.
     live_rows = tl.where(active, num_rows, 0)
-    z_rows = tl.where(penalised, live_rows, 0)
-    norm_rows = tl.where(is_group, live_rows, 0)
     v_load_rows = tl.where(momentum_history, live_rows, 0)
     v_store_rows = tl.where(use_momentum, live_rows, 0)
 
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, COLS)
-    row_base = start + rows.to(tl.int64) * row_len
+    if penalty == _PENALTY_GROUP:
+        if row_len % ALIGN != 0:
+            _rows(
+                params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, start, row_len, live_rows,
+                v_load_rows, v_store_rows, norm_offset, momentum_history, inv_scale, weight_decay, rho,
+                one_minus_dampening, kappa, lam, mu, lr_kappa, lr_over_mu, seed, step,
+                ROWS, SCALAR_COLS, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+            )
+        elif num_rows > 1:
+            _rows(
+                params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, (start // ALIGN) * ALIGN,
+                (row_len // ALIGN) * ALIGN, live_rows, v_load_rows, v_store_rows, norm_offset,
+                momentum_history, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, mu, lr_kappa,
+                lr_over_mu, seed, step, ROWS, COLS, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+            )
+        else:  # one row: the 1-D path
+            _stream(
+                params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, start, row_len, norm_offset,
+                live_rows > 0, True, momentum_history, use_momentum, inv_scale, weight_decay, rho,
+                one_minus_dampening, kappa, lam, mu, lr_kappa, lr_over_mu, seed, step,
+                True, BLOCK, ALIGN, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+            )
+    else:
+        # l1/"none" rows are back to back and a multiple of 16 long: the chunk's end is
+        # rounded up into the parameter's zero padding.
+        end = (end + _SLOT_ALIGNMENT - 1) // _SLOT_ALIGNMENT * _SLOT_ALIGNMENT
+        length = tl.minimum(num_rows * row_len, end - start)
+        _stream(
+            params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, start, length, norm_offset,
+            live_rows > 0, penalty != 0,
+            momentum_history, use_momentum, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam,
+            mu, lr_kappa, lr_over_mu, seed, step,
+            False, BLOCK, ALIGN, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+        )
 
-    # Group shrinkage factor max(0, 1 − λ/‖Z_g‖) of Z_t, 0 where ‖Z_g‖ = 0.
-    z_norm = tl.load(group_norms_ptr + norm_offset + rows, mask=rows < norm_rows, other=0.0)
-    safe_norm = tl.where(z_norm > 0.0, z_norm, 1.0)
-    group_scale = tl.where(z_norm > 0.0, tl.maximum(1.0 - lam / safe_norm, 0.0), 0.0)
 
-    z_sq_sum = tl.zeros([ROWS], dtype=COMPUTE)
-    for col0 in range(0, row_len, COLS):
-        col = col0 + cols
-        offs = row_base[:, None] + col[None, :]
-        in_row = (col[None, :] < row_len) & (offs < end)
-        mask = (rows < live_rows)[:, None] & in_row
-        z_mask = (rows < z_rows)[:, None] & in_row
-        w = tl.load(params_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        g = tl.load(grads_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        if HAS_INV_SCALE:
-            g = g * inv_scale
-        z = tl.load(z_ptr + offs, mask=z_mask, other=0.0).to(COMPUTE)
-        v_mask = (rows < v_load_rows)[:, None] & in_row
-        v = tl.load(momentum_ptr + offs, mask=v_mask, other=0.0).to(COMPUTE)
+@functools.cache
+def kernel_constants(dtype: torch.dtype) -> dict[str, object]:
+    """The constexpr sizes for a bucket of ``dtype``: each thread handles ``ALIGN``
+    consecutive elements per stream, one 128-bit access of W and g (and of Z and v when
+    they have the parameters' width; bfloat16 state of a float32 bucket moves in 64-bit
+    accesses: 128-bit ones would need 8 float32 per thread, and Triton then sends the W
+    store through shared memory to keep stores at 128 bits per thread). Cached: read only."""
+    align = VECTOR_BYTES // dtype.itemsize
+    threads = 32 * NUM_WARPS
+    rows = abi.TRITON_GEOMETRY.rows_per_chunk
+    return {
+        "ROWS": rows,
+        "COLS": align * threads // rows,
+        "SCALAR_COLS": 2 * threads // rows,
+        "BLOCK": align * threads,
+        "ALIGN": align,
+        "N_CHUNK_FIELDS": abi.CHUNK_FIELDS,
+        "N_HPARAM_FIELDS": abi.HPARAM_FIELDS,
+        "COMPUTE": tl.float64 if dtype == torch.float64 else tl.float32,
+    }
 
-        u = g + weight_decay * w
-        v_new = tl.where(momentum_history, rho * v + one_minus_dampening * u, u)
 
-        gamma_l1 = tl.where(z >= 0.0, 1.0, -1.0) * tl.maximum(tl.abs(z) - lam, 0.0)
-        gamma = kappa * tl.where(is_group, z * group_scale[:, None], gamma_l1)
-        residual = tl.where(penalised, w - gamma, 0.0)
-
-        w_new = w - lr_kappa * (v_new + residual / mu)
-        z_next = z + lr_over_mu * residual
-        if STOCHASTIC_ROUNDING:
-            bits = _sr_hash(seed, step, offs)
-            z_new = _round_bf16_stochastic(z_next, bits & 0xFFFF)
-            v_stored = _round_bf16_stochastic(v_new, bits >> 16)
-        else:
-            z_new = z_next.to(z_ptr.dtype.element_ty)
-            v_stored = v_new.to(momentum_ptr.dtype.element_ty)
-
-        tl.store(params_ptr + offs, w_new.to(params_ptr.dtype.element_ty), mask=mask)
-        tl.store(z_ptr + offs, z_new, mask=z_mask)
-        v_store_mask = (rows < v_store_rows)[:, None] & in_row
-        tl.store(momentum_ptr + offs, v_stored, mask=v_store_mask)
-
-        # ‖Z_{t+1, g}‖ of the stored (rounded) values, for the next step's Γ.
-        z_stored = tl.where(z_mask, z_new.to(COMPUTE), 0.0)
-        z_sq_sum += tl.sum(z_stored * z_stored, axis=1)
-
-    tl.store(group_norms_ptr + norm_offset + rows, tl.sqrt(z_sq_sum), mask=rows < norm_rows)
+LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+"""Triton compile options of every launch (also used by the ahead-of-time checks)."""
 
 
 def launch(
@@ -220,14 +412,11 @@ def launch(
             rng,
             inv_scale if inv_scale is not None else hparams,
             found_inf if found_inf is not None else hparams,
-            ROWS=abi.TRITON_GEOMETRY.rows_per_chunk,
-            COLS=abi.TRITON_GEOMETRY.col_multiple,
-            N_CHUNK_FIELDS=abi.CHUNK_FIELDS,
-            N_HPARAM_FIELDS=abi.HPARAM_FIELDS,
-            COMPUTE=tl.float64 if params.dtype == torch.float64 else tl.float32,
+            **kernel_constants(params.dtype),
             HAS_INV_SCALE=inv_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
             STOCHASTIC_ROUNDING=stochastic_rounding,
+            **LAUNCH_OPTIONS,
         )
     step = rng[abi.RNG_STEP :]
     if found_inf is None:

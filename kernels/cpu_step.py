@@ -39,7 +39,11 @@ STATE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16), torch.float64: (
 """Per bucket dtype, the dtypes its Z and momentum may be stored in (bfloat16: with
 stochastic rounding)."""
 
-_OPTIMISE = ["-O3", "-march=native", "-ffp-contract=off", "-std=c11", "-fPIC", "-shared"]
+# 512-bit vectors where the CPU has them (GCC prefers 256 by default): the 16-bit packs and
+# the hash of bfloat16 state run at about twice the speed.
+_OPTIMISE = [
+    "-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-std=c11", "-fPIC", "-shared",
+]
 _BUILD_LOCK = threading.Lock()
 
 

@@ -10,7 +10,7 @@
  *           = rho * v_t + (1 - d) * u    otherwise
  *   Gamma_t = kappa * prox(Z_t)          l1:    sign(Z) * max(|Z| - lam, 0)
  *                                        group: Z_g * max(0, 1 - lam / |Z_g|)  (0 if |Z_g| = 0)
- *   W_{t+1} = W_t - lr*kappa * (v_{t+1} + (W_t - Gamma_t) / mu)     penalised
+ *   W_{t+1} = W_t - lr*kappa * (v_{t+1} + (W_t - Gamma_t) * (1/mu))  penalised
  *   Z_{t+1} = Z_t + (lr / mu) * (W_t - Gamma_t)                     penalised
  *   W_{t+1} = W_t - lr*kappa * v_{t+1}                               penalty "none"
  *
@@ -41,23 +41,27 @@ typedef scalar_t state_t;
 enum { V_NONE = 0, V_FIRST = 1, V_HISTORY = 2 }; /* no buffer; v = u; v = rho*v + (1-d)*u */
 
 typedef struct {
-    scalar_t lr_kappa, lr_over_mu, kappa, mu, lam, rho, one_minus_d, wd, scale;
-    uint32_t seed, step;
+    scalar_t lr_kappa, lr_over_mu, kappa, inv_mu, lam, rho, one_minus_d, wd, scale;
+    uint32_t seed, step_mix; /* step_mix = step * 0xC2B2AE3D */
 } coefficients;
 
-/* The counter-based hash of docs/design.md: 32 random bits per (seed, step, index). */
-static inline uint32_t sr_hash(uint32_t seed, uint32_t step, uint64_t index)
+/* The counter-based hash of docs/design.md: 32 random bits per (seed, step, index), split
+ * as its loops use it: `key` = seed ^ hi32(index) * 0x85EBCA77 is the same for a whole
+ * span (spans never cross a multiple of 2**32, see update_range), lo32(index) varies. */
+static inline uint32_t sr_hash(uint32_t key, uint32_t step_mix, uint32_t index_lo)
 {
-    uint32_t h = (uint32_t)index * 0x9E3779B1u;
-    h ^= (uint32_t)(index >> 32) * 0x85EBCA77u;
-    h ^= seed;
-    h += step * 0xC2B2AE3Du;
+    uint32_t h = ((index_lo * 0x9E3779B1u) ^ key) + step_mix;
     h ^= h >> 16;
     h *= 0x85EBCA6Bu;
     h ^= h >> 13;
     h *= 0xC2B2AE35u;
     h ^= h >> 16;
     return h;
+}
+
+static inline uint32_t span_key(uint32_t seed, int64_t first)
+{
+    return seed ^ ((uint32_t)((uint64_t)first >> 32) * 0x85EBCA77u);
 }
 
 #if SLBI_STATE_BF16
@@ -82,13 +86,13 @@ static inline state_t round_stochastic(float value, uint32_t random16)
 #define STORE_Z(p, i, x, h) ((p)[i] = round_stochastic((x), (h) & 0xFFFFu))
 #define STORE_V(p, i, x, h) ((p)[i] = round_stochastic((x), (h) >> 16))
 #define STORED(p, i) load_state(p, i)
-#define HASH(c, index) sr_hash((c).seed, (c).step, (uint64_t)(index))
+#define HASH(c, key, lo, i) sr_hash((key), (c).step_mix, (lo) + (uint32_t)(i))
 #else
 static inline scalar_t load_state(const state_t *p, int64_t i) { return p[i]; }
 #define STORE_Z(p, i, x, h) ((p)[i] = (x))
 #define STORE_V(p, i, x, h) ((p)[i] = (x))
 #define STORED(p, i) ((p)[i])
-#define HASH(c, index) 0u
+#define HASH(c, key, lo, i) 0u
 #endif
 
 /* One contiguous span of n elements, starting at flat index `first`, with one penalty and
@@ -101,9 +105,11 @@ static inline __attribute__((always_inline)) scalar_t update_span(
     scalar_t shrink)
 {
     scalar_t sq_sum = 0;
+    const uint32_t key = span_key(c.seed, first), lo = (uint32_t)first;
+    (void)key, (void)lo;
 #pragma omp simd reduction(+ : sq_sum)
     for (int64_t i = 0; i < n; ++i) {
-        const uint32_t h = HASH(c, first + i);
+        const uint32_t h = HASH(c, key, lo, i);
         (void)h;
         scalar_t w_t = w[i];
         scalar_t u = g[i] * c.scale + c.wd * w_t;
@@ -123,12 +129,26 @@ static inline __attribute__((always_inline)) scalar_t update_span(
             gamma = c.kappa * copysign(excess > 0 ? excess : (scalar_t)0, z_t);
         }
         scalar_t residual = w_t - gamma; /* W_t - Gamma_t */
-        w[i] = w_t - c.lr_kappa * (velocity + residual / c.mu);
+        w[i] = w_t - c.lr_kappa * (velocity + residual * c.inv_mu);
         STORE_Z(z, i, z_t + c.lr_over_mu * residual, h);
         scalar_t z_stored = STORED(z, i);
         sq_sum += z_stored * z_stored;
     }
     return sq_sum;
+}
+
+/* update_span over [first, first + n), cut where the flat index crosses a multiple of
+ * 2**32 (the hash's high bits change there; only buckets past 16 GiB have one). */
+static inline __attribute__((always_inline)) scalar_t update_range(
+    scalar_t *w, const scalar_t *g, state_t *z, state_t *v, int64_t first, int64_t n, const int penalty,
+    const int v_mode, const coefficients c, scalar_t shrink)
+{
+    const int64_t room = (int64_t)((((uint64_t)first >> 32) + 1) << 32) - first;
+    if (!SLBI_STATE_BF16 || n <= room)
+        return update_span(w, g, z, v, first, n, penalty, v_mode, c, shrink);
+    return update_span(w, g, z, v, first, room, penalty, v_mode, c, shrink)
+           + update_span(w + room, g + room, z + room, v_mode == V_NONE ? 0 : v + room, first + room, n - room,
+                         penalty, v_mode, c, shrink);
 }
 
 typedef struct {
@@ -144,8 +164,8 @@ static inline __attribute__((always_inline)) void update_chunk(
         /* Rows of l1 / "none" chunks are back to back: one span, cut at the tensor's end. */
         int64_t stop = k.start + k.rows * k.row_len;
         stop = stop < k.end ? stop : k.end;
-        update_span(w + k.start, g + k.start, z + k.start, v_at, k.start, stop - k.start, penalty,
-                    v_mode, c, 0);
+        update_range(w + k.start, g + k.start, z + k.start, v_at, k.start, stop - k.start, penalty,
+                     v_mode, c, 0);
         return;
     }
     scalar_t *row_norms = norms + k.norm_offset;
@@ -153,8 +173,8 @@ static inline __attribute__((always_inline)) void update_chunk(
         const int64_t at = k.start + r * k.row_len;
         const scalar_t norm = row_norms[r];
         const scalar_t shrink = norm > 0 ? fmax(1 - c.lam / norm, (scalar_t)0) : 0;
-        const scalar_t sq_sum = update_span(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, at,
-                                            k.row_len, PENALTY_GROUP, v_mode, c, shrink);
+        const scalar_t sq_sum = update_range(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, at,
+                                             k.row_len, PENALTY_GROUP, v_mode, c, shrink);
         row_norms[r] = sqrt(sq_sum);
     }
 }
@@ -205,7 +225,7 @@ int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v,
     if (found_inf != 0 && *found_inf != 0.0f)
         return -1;
     const scalar_t scale = inv_scale != 0 ? (scalar_t)*inv_scale : (scalar_t)1;
-    const uint32_t seed = (uint32_t)rng[RNG_SEED], step = (uint32_t)rng[RNG_STEP];
+    const uint32_t seed = (uint32_t)rng[RNG_SEED], step_mix = (uint32_t)rng[RNG_STEP] * 0xC2B2AE3Du;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads) if (num_threads > 1)
     for (int64_t k = 0; k < num_chunks; ++k) {
         const int32_t flags = slot_flags[field(chunks, wide_chunks, k, CHUNK_SLOT)];
@@ -223,14 +243,14 @@ int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v,
             .lr_kappa = (scalar_t)(hp[HP_LR] * hp[HP_KAPPA]),
             .lr_over_mu = (scalar_t)(hp[HP_LR] / hp[HP_MU]),
             .kappa = (scalar_t)hp[HP_KAPPA],
-            .mu = (scalar_t)hp[HP_MU],
+            .inv_mu = (scalar_t)(1.0 / hp[HP_MU]), /* a product per element, not a division */
             .lam = (scalar_t)hp[HP_LAM],
             .rho = (scalar_t)hp[HP_MOMENTUM],
             .one_minus_d = (scalar_t)(1.0 - hp[HP_DAMPENING]),
             .wd = (scalar_t)hp[HP_WEIGHT_DECAY],
             .scale = scale,
             .seed = seed,
-            .step = step,
+            .step_mix = step_mix,
         };
         const int v_mode = hp[HP_USE_MOMENTUM] == 0.0 || v == 0 ? V_NONE
                            : (flags & FLAG_MOMENTUM_READY) ? V_HISTORY

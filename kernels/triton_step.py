@@ -116,20 +116,9 @@ def _round_bf16_stochastic(value, random16):
 
 
 @triton.jit
-def _over_mu(residual, mu):
-    """``residual / μ`` per element. float64 division is always IEEE-rounded, and its
-    slow-path call costs about 54 registers per thread: a product with 1/μ instead (within
-    1 ulp). float32 ``/`` is Triton's fast division (within 2 ulp; exact when interpreted)."""
-    if residual.dtype == tl.float64:
-        return residual * (1.0 / mu)
-    else:
-        return residual / mu
-
-
-@triton.jit
 def _update_tile(
     w_ptr, g_ptr, z_ptr, v_ptr, offs, index, mask, z_mask, v_load_mask, v_store_mask, penalised,
-    momentum_history, group_scale, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, mu,
+    momentum_history, group_scale, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, inv_mu,
     lr_kappa, lr_over_mu, seed, step,
     GROUP: tl.constexpr, COMPUTE: tl.constexpr, HAS_INV_SCALE: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
@@ -151,10 +140,10 @@ def _update_tile(
     v_new = tl.where(momentum_history, rho * v + one_minus_dampening * u, u)
     if GROUP:
         residual = w - kappa * z * group_scale
-        w_new = w - lr_kappa * (v_new + _over_mu(residual, mu))
+        w_new = w - lr_kappa * (v_new + residual * inv_mu)
     else:
         residual = w - kappa * (tl.where(z >= 0.0, 1.0, -1.0) * tl.maximum(tl.abs(z) - lam, 0.0))
-        w_pen = w - lr_kappa * (v_new + _over_mu(residual, mu))
+        w_pen = w - lr_kappa * (v_new + residual * inv_mu)
         w_new = tl.where(penalised, w_pen, w - lr_kappa * v_new)
     z_next = z + lr_over_mu * residual
     if STOCHASTIC_ROUNDING:
@@ -180,7 +169,7 @@ def _group_scale(norm, lam):
 @triton.jit
 def _stream(
     w_ptr, g_ptr, z_ptr, v_ptr, group_norms_ptr, start, length, norm_offset, live, penalised,
-    momentum_history, use_momentum, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, mu,
+    momentum_history, use_momentum, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, inv_mu,
     lr_kappa, lr_over_mu, seed, step,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, COMPUTE: tl.constexpr,
     HAS_INV_SCALE: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
@@ -207,7 +196,7 @@ def _stream(
         z_stored = _update_tile(
             w_ptr, g_ptr, z_ptr, v_ptr, offs, _flat_index(start, offs), offs < length, offs < z_length,
             offs < v_load_length, offs < v_store_length, penalised, momentum_history, group_scale, inv_scale,
-            weight_decay, rho, one_minus_dampening, kappa, lam, mu, lr_kappa, lr_over_mu, seed, step,
+            weight_decay, rho, one_minus_dampening, kappa, lam, inv_mu, lr_kappa, lr_over_mu, seed, step,
             GROUP, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
         )
         if GROUP:
@@ -219,7 +208,7 @@ def _stream(
 @triton.jit
 def _rows(
     w_ptr, g_ptr, z_ptr, v_ptr, group_norms_ptr, start, row_len, live_rows, v_load_rows, v_store_rows,
-    norm_offset, momentum_history, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, mu,
+    norm_offset, momentum_history, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, inv_mu,
     lr_kappa, lr_over_mu, seed, step,
     ROWS: tl.constexpr, COLS: tl.constexpr, COMPUTE: tl.constexpr, HAS_INV_SCALE: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
@@ -249,7 +238,7 @@ def _rows(
         z_stored = _update_tile(
             w_ptr, g_ptr, z_ptr, v_ptr, offs, _flat_index(start, offs), mask, mask, v_load[:, None] & in_row,
             v_store[:, None] & in_row, True, momentum_history, group_scale, inv_scale, weight_decay, rho,
-            one_minus_dampening, kappa, lam, mu, lr_kappa, lr_over_mu, seed, step,
+            one_minus_dampening, kappa, lam, inv_mu, lr_kappa, lr_over_mu, seed, step,
             True, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
         )
         z_sq_sum += tl.sum(z_stored * z_stored, axis=1)
@@ -301,7 +290,7 @@ def _slbi_bucket_kernel(
 
     hp = hparams_ptr + hparam_row * N_HPARAM_FIELDS
     kappa = tl.load(hp + _HP_KAPPA).to(COMPUTE)
-    mu = tl.load(hp + _HP_MU).to(COMPUTE)
+    inv_mu = (1.0 / tl.load(hp + _HP_MU)).to(COMPUTE)  # a product per element, not a division
     lam = tl.load(hp + _HP_LAM).to(COMPUTE)
     rho = tl.load(hp + _HP_MOMENTUM).to(COMPUTE)
     one_minus_dampening = (1.0 - tl.load(hp + _HP_DAMPENING)).to(COMPUTE)
@@ -324,21 +313,21 @@ def _slbi_bucket_kernel(
             _rows(
                 params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, start, row_len, live_rows,
                 v_load_rows, v_store_rows, norm_offset, momentum_history, inv_scale, weight_decay, rho,
-                one_minus_dampening, kappa, lam, mu, lr_kappa, lr_over_mu, seed, step,
+                one_minus_dampening, kappa, lam, inv_mu, lr_kappa, lr_over_mu, seed, step,
                 ROWS, SCALAR_COLS, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
             )
         elif num_rows > 1:
             _rows(
                 params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, (start // ALIGN) * ALIGN,
                 (row_len // ALIGN) * ALIGN, live_rows, v_load_rows, v_store_rows, norm_offset,
-                momentum_history, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, mu, lr_kappa,
-                lr_over_mu, seed, step, ROWS, COLS, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+                momentum_history, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, inv_mu,
+                lr_kappa, lr_over_mu, seed, step, ROWS, COLS, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
             )
         else:  # one row: the 1-D path
             _stream(
                 params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, start, row_len, norm_offset,
                 live_rows > 0, True, momentum_history, use_momentum, inv_scale, weight_decay, rho,
-                one_minus_dampening, kappa, lam, mu, lr_kappa, lr_over_mu, seed, step,
+                one_minus_dampening, kappa, lam, inv_mu, lr_kappa, lr_over_mu, seed, step,
                 True, BLOCK, ALIGN, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
             )
     else:
@@ -350,7 +339,7 @@ def _slbi_bucket_kernel(
             params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, start, length, norm_offset,
             live_rows > 0, penalty != 0,
             momentum_history, use_momentum, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam,
-            mu, lr_kappa, lr_over_mu, seed, step,
+            inv_mu, lr_kappa, lr_over_mu, seed, step,
             False, BLOCK, ALIGN, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
         )
 

@@ -160,7 +160,8 @@ def slbi_update_(
     else:
         gamma = kappa * prox_l1(z32, lam)
     residual = w32 - gamma  # W_t − Γ_t
-    _store(w, w32, w32 - lr * kappa * (velocity + residual / mu), keep)
+    # (W − Γ)·(1/μ): the kernels multiply by 1/μ (formed in float64) rather than divide.
+    _store(w, w32, w32 - lr * kappa * (velocity + residual * (1.0 / mu)), keep)
     _store(z, z32, z32 + (lr / mu) * residual, keep, None if bits is None else bits & 0xFFFF)
 
 

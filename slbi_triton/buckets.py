@@ -43,6 +43,7 @@ class Slot:
     grad_seen: bool = False  # a gradient arrived since the last zero_grad()
     momentum_ready: bool = False  # the momentum buffer holds v_t
     hook_handle: object | None = field(default=None, repr=False)
+    impl: int = 0  # the parameter's TensorImpl when bound (torch_private.impl_id)
     data_ptr: int = 0  # where ``param_view`` starts, for the per-step binding check
     grad_ptr: int = 0  # where ``grad_view`` starts: a swapped ``.grad`` moves away from it
 
@@ -118,6 +119,7 @@ class FlatBucket:
         self.slots = sorted(
             slots, key=lambda s: (s.group_index, abi.PENALTY_CODES[s.penalty], s.group_size, s.index)
         )
+        self.group_indices = sorted({slot.group_index for slot in self.slots})
         offset = norm_offset = 0
         for slot in self.slots:
             slot.offset = offset

@@ -71,10 +71,21 @@ def plan_load(state_dict: Any, param_groups: Sequence[Mapping[str, Any]]) -> Loa
     extras = state_dict.get("slbi") or {}
     if not isinstance(extras, Mapping):
         raise TypeError(f"state_dict['slbi'] must be a dict, got {type(extras).__name__}")
+    _check_scalars(extras)
     Pruner.check_state(extras, params)
     Toolbox.check_state(extras)
     for_torch = {**state_dict, "state": state, "param_groups": merged_groups}
     return LoadPlan(for_torch, exact, extras, params)
+
+
+def _check_scalars(extras: Mapping[str, Any]) -> None:
+    """``steps`` and ``rng_seed``: ints >= 0; ``current_epoch``: an int or ``None``."""
+    for key, allow_none in (("steps", False), ("rng_seed", False), ("current_epoch", True)):
+        if key not in extras or (allow_none and extras[key] is None):
+            continue
+        value = extras[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TypeError(f"state_dict['slbi'][{key!r}] must be an int >= 0, got {value!r}")
 
 
 def merge_groups(

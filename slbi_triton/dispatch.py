@@ -66,8 +66,10 @@ class HparamTables:
         cached = self._cache.get(device)
         if cached is not None and cached[0] == values:
             return cached[1]
-        rows = abi.hparam_values(groups)
-        table = torch.tensor(rows, dtype=torch.float64).to(device)
+        if device.type == "cpu":
+            table = torch.tensor(abi.hparam_values(groups), dtype=torch.float64)
+        else:  # device ops: a copy from pageable host memory would wait for the device
+            table = abi.hparam_table_traced(groups, device)
         self._cache[device] = (values, table)
         return table
 
@@ -160,22 +162,29 @@ class TorchKernel:
 BucketKernel = FusedKernel | TorchKernel
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """Refuse ``backend="triton"`` where Triton cannot run parameters on ``device``."""
+    if backend != "triton":
+        return
+    if ops.triton_launcher() is None:
+        raise ValueError("backend='triton' but Triton cannot be imported; use backend='torch'")
+    if device.type != "cuda" and not ops.triton_interpreted():
+        raise ValueError(
+            f"backend='triton' needs CUDA parameters (got {device.type}); on the CPU set "
+            "TRITON_INTERPRET=1 (slow, for testing) or use backend='torch'"
+        )
+
+
 def choose_kernel(bucket: FlatBucket, backend: str, fused: bool | None) -> BucketKernel:
     """The kernel for ``bucket`` (see the module docstring for the rules).
 
     Raises:
         ValueError: ``backend="triton"`` where Triton cannot run.
     """
+    check_backend(backend, bucket.device)
     on_cuda = bucket.device.type == "cuda"
     triton_ok = ops.triton_launcher() is not None
     if backend == "triton":
-        if not triton_ok:
-            raise ValueError("backend='triton' but Triton cannot be imported; use backend='torch'")
-        if not on_cuda and not ops.triton_interpreted():
-            raise ValueError(
-                f"backend='triton' needs CUDA parameters (got {bucket.device.type}); on the CPU set "
-                "TRITON_INTERPRET=1 (slow, for testing) or use backend='torch'"
-            )
         return FusedKernel(bucket, "triton")
     if backend == "auto" and on_cuda and triton_ok:
         return FusedKernel(bucket, "triton")

@@ -19,7 +19,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import checkpoint, torch_private
 from .buckets import FlatBucket
-from .dispatch import BucketKernel, HparamTables, KernelInfo, amp_inputs_for, choose_kernel
+from .dispatch import BucketKernel, HparamTables, KernelInfo, amp_inputs_for, check_backend, choose_kernel
 from .pruning import Pruner
 from .storage import FlatStorage
 from .toolbox import Toolbox
@@ -178,9 +178,10 @@ class SLBI(Optimizer):
         # An LR scheduler replaces ``opt.step`` by a wrapper Dynamo cannot trace: put an
         # equivalent, traceable one in its place (see torch_private).
         if name == "step" and torch_private.is_scheduler_wrapper(value):
-            value = torch_private.scheduler_step(
-                functools.partial(type(self).step, self), self._step_calls.mark_called
-            )
+            # The function it wraps: the class's step, or a step the user installed before.
+            wrapped = getattr(value, "__wrapped__", type(self).step)
+            mark_called = self._step_calls.mark_called
+            value = torch_private.scheduler_step(functools.partial(wrapped, self), mark_called)
         super().__setattr__(name, value)
 
     @property
@@ -240,11 +241,11 @@ class SLBI(Optimizer):
         where = f"param group {len(self.param_groups)}"
         check_hyperparameters(merged, where)
         raw = param_group["params"]
-        if isinstance(raw, (Tensor, tuple)):
+        if isinstance(raw, Tensor):
             raw = [raw]
         elif isinstance(raw, set):
             raise TypeError("params must be an ordered collection, not a set")
-        else:
+        else:  # as torch.optim: any other iterable is a sequence of parameters or (name, parameter)
             raw = list(raw)
             param_group = {**param_group, "params": raw}
         names = [item[0] if isinstance(item, tuple) else None for item in raw]
@@ -267,6 +268,7 @@ class SLBI(Optimizer):
             if id(param) in seen:
                 raise ValueError(f"{label} appears more than once in the optimizer's parameters")
             seen.add(id(param))
+            check_backend(self.backend, param.device)
         check_group_penalty(penalty, tensors, where, labels)
 
     def assign_name(self, names: Iterable[str]) -> None:
@@ -331,6 +333,7 @@ class SLBI(Optimizer):
                     "(it zeroes the flat gradient buffer and keeps the views the compiled step reads)"
                 )
         elif not self._storage.intact():
+            self._group_checks.check(self.param_groups)
             self._storage.check()
             self._sync()
         self._storage.zero_grad(set_to_none)
@@ -411,10 +414,10 @@ class SLBI(Optimizer):
     ) -> None:
         """One kernel call per bucket (an idle one only counts the step), then the frozen
         entries are zeroed again."""
-        momentum = any(group["momentum"] != 0 for group in self.param_groups)
+        momentum = [group["momentum"] != 0 for group in self.param_groups]
         amp_inputs: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
         for bucket, flags in zip(self._storage.buckets, active, strict=True):
-            if momentum:
+            if any(momentum[index] for index in bucket.group_indices):
                 bucket.ensure_momentum()
             if bucket.device not in amp_inputs:
                 amp_inputs[bucket.device] = amp_inputs_for(grad_scale, found_inf, bucket.device)
@@ -426,10 +429,13 @@ class SLBI(Optimizer):
         penalties = tuple(group["penalty"] for group in self.param_groups)
         if penalties == self._checked_penalties:
             return
-        if any(
-            resolve_penalty(self.param_groups[slot.group_index]["penalty"], slot.param) != slot.penalty
-            for slot in self._storage.slots
-        ):
+        changed = [
+            slot for slot in self._storage.slots
+            if resolve_penalty(self.param_groups[slot.group_index]["penalty"], slot.param) != slot.penalty
+        ]
+        if changed:
+            # The prune order and path of another penalty have another shape: they restart.
+            self._toolbox.forget_order([slot.param for slot in changed])
             self._relayout()
         self._checked_penalties = penalties
 

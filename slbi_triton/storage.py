@@ -47,6 +47,10 @@ class FlatStorage:
         # Parameter: id(our parameter) -> (our parameter, [(module ref, attribute), ...]).
         self._replaced_in: dict[int, tuple[Tensor, list[tuple[weakref.ref, str]]]] = {}
         self._frozen: Mapping[Tensor, Tensor] = {}
+        # Our post-accumulate-grad hooks: removed when this storage goes (a model outlives
+        # its optimizer and must not carry dead hooks).
+        self._handles: list[Any] = []
+        weakref.finalize(self, _remove_hooks, self._handles)
         _watch(self)
 
     # -- layout -----------------------------------------------------------------------
@@ -62,9 +66,7 @@ class FlatStorage:
         """
         steps = self.steps_done() if steps is None else steps
         old = {id(slot.param): slot for slot in self.slots}
-        for slot in self.slots:
-            if slot.hook_handle is not None:
-                slot.hook_handle.remove()
+        _remove_hooks(self._handles)
         slots: list[Slot] = []
         for group_index, group in enumerate(groups):
             names = group.get("param_names", [None] * len(group["params"]))
@@ -119,9 +121,7 @@ class FlatStorage:
         """
         param = slot.param
         entry = state.get(param, {})
-        slot.param_view.copy_(param.detach())
-        param.data = slot.param_view
-        slot.data_ptr = slot.param_view.data_ptr()
+        self._take_values(slot)
         grad = param.grad
         # A gradient that is not our view came from outside (autograd after a swapped
         # TensorImpl lost our hook, or the user): it is this step's.
@@ -155,10 +155,23 @@ class FlatStorage:
             entry.pop("momentum_buffer", None)  # torch.optim.SGD can store None
         if entry and param not in state:
             state[param] = entry
-        if param.requires_grad:
-            slot.hook_handle = param.register_post_accumulate_grad_hook(_GradArrived(slot))
-            torch_private.rearm_grad_hooks(param)  # a swapped TensorImpl drops them
         return norms_current
+
+    def _take_values(self, slot: Slot) -> None:
+        """Copy the parameter's values into its view, make the view its ``.data``, and hook
+        it (again): a swapped TensorImpl dropped our hook, ``requires_grad`` may be new."""
+        param = slot.param
+        slot.param_view.copy_(param.detach())
+        param.data = slot.param_view
+        slot.data_ptr = slot.param_view.data_ptr()
+        slot.impl = torch_private.impl_id(param)
+        if slot.hook_handle is not None:
+            slot.hook_handle.remove()
+            slot.hook_handle = None
+        if param.requires_grad:
+            slot.hook_handle = param.register_post_accumulate_grad_hook(_GradArrived(weakref.ref(slot)))
+            torch_private.rearm_grad_hooks(param)
+            self._handles.append(slot.hook_handle)
 
     # -- keeping the bindings -----------------------------------------------------------
 
@@ -169,8 +182,10 @@ class FlatStorage:
             return False
         for slot in self.slots:
             param = slot.param
-            if param.data_ptr() != slot.data_ptr:
+            if param.data_ptr() != slot.data_ptr or torch_private.impl_id(param) != slot.impl:
                 return False
+            if slot.hook_handle is None and param.requires_grad:
+                return False  # requires_grad was switched on: it needs our hook
             grad = param.grad
             if grad is not None and grad is not slot.grad_view:
                 return False
@@ -217,18 +232,24 @@ class FlatStorage:
                 param = slot.param
                 if param.device != bucket.device or param.dtype != bucket.dtype:
                     relayout = True
-                elif param.data_ptr() != slot.data_ptr or param.stride() != slot.strides:
-                    # New storage (p.data = ..., or a swapped TensorImpl): take its values.
-                    slot.param_view.copy_(param.detach())
-                    param.data = slot.param_view
-                    slot.data_ptr = slot.param_view.data_ptr()
-                    slot.hook_handle.remove()
-                    slot.hook_handle = param.register_post_accumulate_grad_hook(_GradArrived(slot))
-                    torch_private.rearm_grad_hooks(param)
+                elif param.stride() != slot.strides:
+                    relayout = True  # another memory format (channels_last): lay it out so
+                elif torch_private.impl_id(param) != slot.impl:
+                    # Swapped: our hook was not called since, so a gradient there is this step's.
+                    slot.grad_seen = slot.grad_seen or param.grad is not None
+                    self._take_values(slot)
+                elif param.data_ptr() != slot.data_ptr or (slot.hook_handle is None and param.requires_grad):
+                    self._take_values(slot)  # p.data = ..., or requires_grad switched on
         if relayout:
             self.layout(groups, state, choose)
-        for slot in self.slots:
-            _bind_foreign_grad(slot)
+        for bucket in self.buckets:
+            for slot in bucket.slots:
+                grad = slot.param.grad
+                if grad is not None and grad.data_ptr() != slot.grad_ptr:
+                    # ``.grad.data`` replaced (model.double().float()): a fresh view.
+                    slot.grad_view = bucket.view_of(bucket.grads, slot)
+                    slot.grad_ptr = slot.grad_view.data_ptr()
+                _bind_foreign_grad(slot)
 
     def note_replacement(self, module: torch.nn.Module, name: str, old: Tensor) -> None:
         """``module.<name>``, which holds ``old``, is being given another Parameter; only
@@ -312,14 +333,23 @@ def _bind_foreign_grad(slot: Slot) -> None:
 
 class _GradArrived:
     """Post-accumulate-grad hook: the parameter received a gradient; a fresh one (autograd
-    made a new tensor) is copied into the flat buffer and bound, once."""
+    made a new tensor) is copied into the flat buffer and bound, once. It holds its slot
+    weakly: the hook must not keep a dead optimizer's buffers alive."""
 
-    def __init__(self, slot: Slot) -> None:
+    def __init__(self, slot: weakref.ref[Slot]) -> None:
         self.slot = slot
 
     def __call__(self, param: Tensor) -> None:
-        self.slot.grad_seen = True
-        _bind_foreign_grad(self.slot)
+        slot = self.slot()
+        if slot is not None:
+            slot.grad_seen = True
+            _bind_foreign_grad(slot)
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _replace_in_groups(groups: Groups, state: State, old: Tensor, new: Tensor) -> None:

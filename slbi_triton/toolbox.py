@@ -331,6 +331,14 @@ class Toolbox:
             return {"epochs": [], "norms": empty, "selected": empty.bool()}
         return path.as_dict()
 
+    def forget_order(self, params: list[Tensor]) -> None:
+        """Drop the order state and path of ``params`` (their penalty changed)."""
+        for slot in self.storage.slots:
+            if any(slot.param is param for param in params):
+                for key in ORDER_STATE_KEYS:
+                    self.optimizer.state[slot.param].pop(key, None)
+                self.order_path.pop(slot.name, None)
+
     # -- checkpoints ----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

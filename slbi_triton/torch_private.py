@@ -11,7 +11,12 @@ upgrade that drops one fails with a message naming it).
    more hook does not fix that; assigning the dict back registers it with the engine
    again. Without it the optimizer would miss every gradient of a swapped parameter.
    No public API re-arms hooks.
-2. The LR scheduler protocol: ``opt.step._wrapped_by_lr_sched`` and ``opt._opt_called``
+2. ``Tensor._cdata``, the address of a tensor's TensorImpl (:func:`impl_id`). The only way
+   to see that ``torch.utils.swap_tensors`` swapped a parameter when its data stays where
+   it was (``model.to(...)`` or ``load_state_dict`` under
+   ``swap_module_params_on_conversion``, copying into the same storage): the swap drops the
+   hooks, which must then be re-armed. No public API identifies a TensorImpl.
+3. The LR scheduler protocol: ``opt.step._wrapped_by_lr_sched`` and ``opt._opt_called``
    (:func:`is_scheduler_wrapper`, :func:`scheduler_step`). An LR scheduler replaces
    ``opt.step`` by a wrapper defined in ``torch/optim/lr_scheduler.py``, a file Dynamo
    never traces, so ``opt.step()`` inside a compiled training step would break the graph.
@@ -29,9 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["StepCalls", "check", "is_scheduler_wrapper", "rearm_grad_hooks", "scheduler_step"]
+__all__ = ["StepCalls", "check", "impl_id", "is_scheduler_wrapper", "rearm_grad_hooks", "scheduler_step"]
 
 _HOOKS_ATTRIBUTE = "_post_accumulate_grad_hooks"
+_IMPL_ATTRIBUTE = "_cdata"
 _SCHEDULER_MARK = "_wrapped_by_lr_sched"
 _SCHEDULER_FLAG = "_opt_called"
 
@@ -40,6 +46,11 @@ def rearm_grad_hooks(param: Tensor) -> None:
     """Make the autograd engine call ``param``'s post-accumulate-grad hooks again (after
     its TensorImpl was swapped)."""
     setattr(param, _HOOKS_ATTRIBUTE, getattr(param, _HOOKS_ATTRIBUTE))
+
+
+def impl_id(tensor: Tensor) -> int:
+    """Identifies ``tensor``'s TensorImpl (changes when ``torch.utils.swap_tensors`` swaps it)."""
+    return getattr(tensor, _IMPL_ATTRIBUTE)
 
 
 def is_scheduler_wrapper(value: Any) -> bool:
@@ -85,6 +96,12 @@ def check() -> list[str]:
             problems.append(f"Tensor.{_HOOKS_ATTRIBUTE}: re-assigning it no longer re-arms the hooks")
     except (AttributeError, RuntimeError, TypeError) as error:
         problems.append(f"Tensor.{_HOOKS_ATTRIBUTE}: {error}")
+
+    other = torch.nn.Parameter(torch.zeros(2))
+    before = impl_id(other) if hasattr(other, _IMPL_ATTRIBUTE) else None
+    torch.utils.swap_tensors(other, torch.nn.Parameter(torch.zeros(2)))
+    if before is None or not isinstance(before, int) or impl_id(other) == before:
+        problems.append(f"Tensor.{_IMPL_ATTRIBUTE} no longer tells a swapped TensorImpl apart")
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)

@@ -63,6 +63,9 @@ def check_hyperparameters(group: Mapping[str, Any], where: str, read_device: boo
             continue
         if not math.isfinite(value) or not ok(value):
             raise ValueError(f"Invalid {key} ({where}): {group[key]!r}; expected {expected}")
+    if isinstance(group["momentum"], Tensor):
+        # Whether a group keeps a momentum buffer is decided on the host, every step.
+        raise TypeError(f"momentum ({where}) must be a number, not a tensor: {group['momentum']!r}")
     penalty = group["penalty"]
     if penalty not in PENALTIES:
         raise ValueError(f"Invalid penalty ({where}): {penalty!r}; expected one of {PENALTIES}")

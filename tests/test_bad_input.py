@@ -324,3 +324,38 @@ def test_messages_name_the_value() -> None:
     for value in (-1.0, math.inf, -math.inf):
         with pytest.raises(ValueError, match=str(value).replace("+", "")):
             SLBI([nn.Parameter(torch.zeros(2))], lr=value)
+
+
+def test_bad_slbi_scalars_in_a_state_dict_change_nothing() -> None:
+    model, opt = trained()
+    for key, value in (("steps", None), ("steps", -1), ("rng_seed", 1.5), ("current_epoch", "3")):
+        state_dict = copy.deepcopy(opt.state_dict())
+        state_dict["slbi"][key] = value
+        before = everything(model, opt)
+        with pytest.raises(TypeError, match=rf"state_dict\['slbi'\]\['{key}'\] must be an int"):
+            opt.load_state_dict(state_dict)
+        assert_same(before, everything(model, opt))
+
+
+def test_a_tuple_of_parameters_is_checked_like_a_list() -> None:
+    model, opt = trained()
+    before = everything(model, opt)
+    with pytest.raises(TypeError, match="dtype torch.int64; SLBI needs floating-point"):
+        opt.add_param_group({"params": (torch.zeros(3, dtype=torch.long), nn.Parameter(torch.zeros(2)))})
+    assert_same(before, everything(model, opt))
+
+
+def test_a_backend_that_cannot_run_a_new_group_is_refused_first(monkeypatch) -> None:
+    model, opt = trained()
+    opt.backend = "triton"  # Triton runs CPU buffers only under TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    before = everything(model, opt)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA parameters"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))]})
+    assert len(opt.param_groups) == 1
+    assert_same(before, everything(model, opt))
+
+
+def test_tensor_momentum_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"momentum \(defaults\) must be a number, not a tensor"):
+        SLBI([nn.Parameter(torch.zeros(2))], momentum=torch.tensor(0.9))

@@ -280,3 +280,98 @@ def test_shape_change_is_refused_before_anything_changes() -> None:
             for key, value in opt.state[p].items():
                 assert torch.equal(value, before[f"{name}/{key}"]), (name, key)
     assert torch.equal(opt.param_groups[0]["params"][-1].detach(), before["fc.bias"])
+
+
+# -- regressions found in review ------------------------------------------------------------
+
+
+def train_changes(model: nn.Module, opt: SLBI, steps: int = 3) -> list[bool]:
+    """For each step: whether every weight changed."""
+    changed = []
+    for _ in range(steps):
+        before = [p.detach().clone() for p in model.parameters()]
+        forward_backward(model, opt)
+        opt.step()
+        changed.append(all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)))
+    return changed
+
+
+@pytest.mark.parametrize("conversion", ["float", "to_cpu", "load_state_dict"])
+def test_swap_in_place_keeps_training(conversion: str) -> None:
+    """Under swap_module_params_on_conversion a conversion that keeps the data where it
+    was still swaps the TensorImpl (and drops our hook): it is found and re-armed."""
+    model, opt = make()
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        if conversion == "float":
+            model.float()
+        elif conversion == "to_cpu":
+            model.to("cpu")
+        else:
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert train_changes(model, opt) == [True, True, True]
+    assert_in_flat_buffers(model, opt)
+
+
+def test_requires_grad_switched_on_later_trains_every_step() -> None:
+    torch.manual_seed(0)
+    model = Net()
+    model.fc.weight.requires_grad_(False)
+    opt = SLBI(model.named_parameters(), backend="torch", **HP)
+    forward_backward(model, opt)
+    opt.step()
+    assert model.fc.weight.grad is None
+    model.fc.weight.requires_grad_(True)
+    assert train_changes(model, opt, 4) == [True] * 4
+
+
+@pytest.mark.parametrize("round_trip", ["double", "half"])
+def test_round_trip_conversion_keeps_grad_in_the_flat_buffer(round_trip: str) -> None:
+    """``model.double().float()`` replaces ``.grad.data`` in place: the gradient is bound
+    again, and training equals a run without the round trip."""
+    model, opt = make()
+    control_model, control = make()
+    getattr(model, round_trip)().float()
+    for m, o in ((model, opt), (control_model, control)):
+        torch.manual_seed(9)
+        for _ in range(3):
+            forward_backward(m, o)
+            o.step()
+    assert_in_flat_buffers(model, opt)
+    for a, b in zip(model.parameters(), control_model.parameters(), strict=True):
+        assert rel_err(a, b) <= (1e-6 if round_trip == "double" else 2e-3)
+
+
+def test_memory_format_change_after_construction_is_kept() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    opt = SLBI(conv.parameters(), backend="torch", **HP)
+    conv.to(memory_format=torch.channels_last)
+    conv(torch.randn(2, 3, 5, 5)).sum().backward()
+    opt.step()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert opt.state[conv.weight]["z"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_dead_optimizer_leaves_no_hook_and_no_buffer() -> None:
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = SLBI(model.parameters(), backend="torch")
+    forward_backward(model, opt)
+    opt.step()
+    z = weakref.ref(opt.state[model.fc.weight]["z"])  # the slot's own view of the flat Z
+    dead = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert dead() is None and z() is None  # the hooks kept neither the optimizer nor its buffers
+    again = SLBI(model.parameters(), backend="torch")
+    del again
+    gc.collect()
+    # An internal on purpose: the hook dict of the parameter holds none of ours.
+    assert not model.fc.weight._post_accumulate_grad_hooks

@@ -517,3 +517,26 @@ def test_prune_before_update_order() -> None:
         opt.order_score("conv1.weight")
     assert_same(snapshot(model, opt), before)
     assert opt.path_history("fc.weight")["norms"].shape == (0, 320)
+
+
+def test_a_penalty_change_restarts_the_order_of_that_layer() -> None:
+    """The order state of another penalty has another shape (per filter vs per weight):
+    it restarts, and the toolbox and the state dict stay usable."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, 3)
+    opt = SLBI([{"params": [("weight", conv.weight)], "penalty": "group"}], lr=0.1, mu=5.0, lam=0.1)
+    for epoch in range(2):
+        opt.zero_grad()
+        conv(torch.randn(2, 2, 5, 5)).square().mean().backward()
+        opt.step()
+        opt.update_order(epoch)
+    assert opt.order_score("weight").shape == (4,)
+    opt.param_groups[0]["penalty"] = "l1"
+    opt.zero_grad()
+    conv(torch.randn(2, 2, 5, 5)).square().mean().backward()
+    opt.step()
+    opt.update_order(2)
+    assert opt.order_score("weight").shape == conv.weight.shape
+    assert opt.path_history("weight")["epochs"] == [2]
+    fresh = SLBI([{"params": [("weight", conv.weight)], "penalty": "l1"}], lr=0.1, mu=5.0, lam=0.1)
+    fresh.load_state_dict(opt.state_dict())

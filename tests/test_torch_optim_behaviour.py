@@ -278,3 +278,34 @@ def test_repr_lists_the_groups_and_options() -> None:
     assert text.startswith("SLBI (") and "Parameter Group 0" in text
     for key in ("lr: 0.05", "mu: 2.0", "lam: 0.05", "kappa: 1.0", "penalty: auto"):
         assert key in text
+
+
+def test_momentum_buffer_only_where_a_group_keeps_one() -> None:
+    kept, plain = nn.Parameter(torch.randn(10)), nn.Parameter(torch.randn(30, 30, dtype=torch.float64))
+    opt = SLBI([{"params": [kept], "momentum": 0.9}, {"params": [plain], "momentum": 0.0}], lr=0.1)
+    kept.grad, plain.grad = torch.ones_like(kept), torch.ones_like(plain)
+    opt.step()
+    assert "momentum_buffer" in opt.state[kept] and "momentum_buffer" not in opt.state[plain]
+    assert [info.dtype for info in opt.kernels()] == [torch.float32, torch.float64]
+
+
+def test_a_scheduler_keeps_a_step_wrapper_installed_before_it() -> None:
+    """As with torch.optim.SGD: the scheduler wraps whatever ``opt.step`` is."""
+    import types
+
+    model, opt = build()
+    calls = []
+    original = opt.step
+
+    def logged_step(self, *args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    opt.step = types.MethodType(logged_step, opt)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    for step in range(3):
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        opt.step()
+        scheduler.step()
+    assert calls == [1, 1, 1]

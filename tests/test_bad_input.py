@@ -340,7 +340,7 @@ def test_bad_slbi_scalars_in_a_state_dict_change_nothing() -> None:
 def test_a_tuple_of_parameters_is_checked_like_a_list() -> None:
     model, opt = trained()
     before = everything(model, opt)
-    with pytest.raises(TypeError, match="dtype torch.int64; SLBI needs floating-point"):
+    with pytest.raises(TypeError, match=r"dtype torch\.int64; SLBI needs floating-point"):
         opt.add_param_group({"params": (torch.zeros(3, dtype=torch.long), nn.Parameter(torch.zeros(2)))})
     assert_same(before, everything(model, opt))
 

@@ -74,14 +74,13 @@ static inline float load_state(const state_t *p, int64_t i)
 }
 
 /* float -> bfloat16, rounded up in magnitude with probability (dropped bits) / 2**16:
- * unbiased. Inf stays inf, NaN stays NaN. */
+ * unbiased. Inf + random16 stays inf; NaN becomes the quiet NaN (its payload is not kept). */
 static inline state_t round_stochastic(float value, uint32_t random16)
 {
     uint32_t bits;
     memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7F800000u) == 0x7F800000u)
-        return (state_t)((bits >> 16) | ((bits & 0x007FFFFFu) ? 0x0040u : 0u));
-    return (state_t)((bits + random16) >> 16);
+    const state_t rounded = (state_t)((bits + random16) >> 16);
+    return value != value ? (state_t)0x7FC0u : rounded;
 }
 #define STORE_Z(p, i, x, h) ((p)[i] = round_stochastic((x), (h) & 0xFFFFu))
 #define STORE_V(p, i, x, h) ((p)[i] = round_stochastic((x), (h) >> 16))

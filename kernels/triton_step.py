@@ -109,9 +109,9 @@ def _flat_index(start, offs):
 def _round_bf16_stochastic(value, random16):
     """float32 -> bfloat16, rounded up in magnitude with probability (dropped bits)/2**16."""
     bits = value.to(tl.uint32, bitcast=True)
-    special = (bits & 0x7F800000) == 0x7F800000  # inf / NaN: keep them (NaN stays NaN)
-    nan_bit = tl.where((bits & 0x007FFFFF) != 0, 0x0040, 0).to(tl.uint32)
-    rounded = tl.where(special, (bits >> 16) | nan_bit, (bits + random16) >> 16)
+    # inf + random16 stays inf; NaN becomes the quiet NaN 0x7FC0 (its payload is not kept).
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = tl.where(is_nan, 0x7FC0, (bits + random16) >> 16)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 

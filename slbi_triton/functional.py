@@ -83,16 +83,15 @@ def sr_hash(seed: Tensor | int, step: Tensor | int, index: Tensor) -> Tensor:
 
 def round_bf16_stochastic(value: Tensor, random16: Tensor) -> Tensor:
     """float32 → bfloat16, rounded up in magnitude with probability (dropped bits)/2**16,
-    so the expected value is ``value``; inf stays inf and NaN stays NaN.
+    so the expected value is ``value``; inf stays inf, NaN becomes the quiet NaN
+    (``0x7FC0``; its sign and payload are not kept).
 
     Args:
         value: float32 tensor.
         random16: int64 tensor of random integers in ``[0, 2**16)``, ``value``'s shape.
     """
     bits = value.view(torch.int32).to(torch.int64) & _UINT32
-    special = (bits & 0x7F800000) == 0x7F800000
-    nan_bit = torch.where((bits & 0x007FFFFF) != 0, 0x0040, 0)
-    rounded = torch.where(special, (bits >> 16) | nan_bit, (bits + random16) >> 16)
+    rounded = torch.where(torch.isnan(value), 0x7FC0, (bits + random16) >> 16)
     # The 16 high bits, as int16 (two's complement), are the bfloat16's bits.
     return (rounded - ((rounded & 0x8000) << 1)).to(torch.int16).view(torch.bfloat16)
 

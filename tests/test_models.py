@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from slbi_triton.train.models import MODEL_NAMES, LeNet, ResNet20, build_model
+from slbi_triton.train.models import MODEL_NAMES, LeNet, ResNet20, ShortcutA, build_model
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -76,3 +76,37 @@ def test_build_model_names_and_classes() -> None:
     assert build_model("lenet", num_classes=3)(torch.rand(2, 1, 28, 28)).shape == (2, 3)
     with pytest.raises(ValueError, match="unknown model 'vgg16'"):
         build_model("vgg16")
+
+
+def _option_a_with_pad(inputs: torch.Tensor, stride: int, extra: int) -> torch.Tensor:
+    """The option-A shortcut as BasicBlock wrote it with F.pad before ShortcutA."""
+    if stride != 1:
+        inputs = inputs[:, :, ::stride, ::stride]
+    half = extra // 2
+    return nn.functional.pad(inputs, (0, 0, 0, 0, half, extra - half))
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "out_channels", "stride"), [(16, 32, 2), (32, 64, 2), (5, 8, 3), (4, 4, 2)]
+)
+def test_shortcut_a_is_the_padded_shortcut(in_channels: int, out_channels: int, stride: int) -> None:
+    inputs = torch.randn(2, in_channels, 7, 9)
+    shortcut = ShortcutA(in_channels, out_channels, stride)
+    expected = _option_a_with_pad(inputs, stride, out_channels - in_channels)
+    assert torch.equal(shortcut(inputs), expected)
+    assert list(shortcut.parameters()) == [] and shortcut.state_dict() == {}
+
+
+def test_resnet20_checkpoints_are_unchanged_by_shortcut_modules() -> None:
+    model = ResNet20()
+    keys = list(model.state_dict())
+    assert not any("shortcut" in key for key in keys)
+    assert len(keys) == 19 + 19 * 5 + 2  # conv weights, BatchNorm (4 tensors + count), fc
+    assert isinstance(model.layer2[0].shortcut, ShortcutA) and isinstance(
+        model.layer1[0].shortcut, nn.Identity
+    )
+    model.to(torch.float64)
+    assert model.layer3[0].shortcut.source.dtype == torch.int64  # channel map, not a weight
+    assert model(torch.rand(2, 1, 28, 28, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(ValueError, match="cannot drop channels"):
+        ShortcutA(8, 4, 2)

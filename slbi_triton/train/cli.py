@@ -23,12 +23,25 @@ the dense model and the sparse one, W* = W ⊙ 1[Γ ≠ 0] (``use_w_star()`` →
   ``recover()``.
 
 An SGD-only run (``--optimizer sgd``) writes ``metrics.csv`` and ``path.png``.
+
+``--slim`` then removes the filters and neurons W* zeroes physically
+(:func:`slbi_triton.slim.slim`), prints parameters, MACs, CPU latency and test accuracy
+before and after, and writes
+
+- ``slim.pt``: ``{"model": state dict, "removed": {...}, "optimizer": SLBI state dict,
+  "architecture": "lenet" | "resnet20", "example_shape": [1, 1, 28, 28]}``, read with
+  ``torch.load(weights_only=True)`` (:func:`load_slim` rebuilds the model);
+- ``slim.csv``: per penalised layer, the outputs zero in W* and how many were removed.
+
+``--slim-epochs N`` trains the slim model and the unslimmed one N more epochs each (final
+learning rate, same data order) and prints both accuracies.
 """
 
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -39,19 +52,25 @@ from typing import Any
 import torch
 
 from ..recording import RECORD_FILENAME
+from ..slim import SlimError, SlimResult, rebuild
 from .data import DATASET_NAMES, DataError, load_dataset, subset
 from .loop import (
     Data,
     RunError,
+    RunResult,
     conv_weight_names,
     default_path_layer,
+    slim_run,
+    train_on,
     train_run,
 )
 from .models import MODEL_NAMES, build_model
 from .plots import plot_path, plot_sparsity
-from .report import summary_table, write_csv
+from .report import slim_table, summary_table, write_csv
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "load_slim", "main"]
+
+SLIM_FILE = "slim.pt"
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -176,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="also zero the bias of every pruned filter, so that it is removed entirely (default: on)",
     )
+
+    slimming = parser.add_argument_group("slimming (SLBI; needs the [slim] extra, torch-pruning)")
+    slimming.add_argument(
+        "--slim",
+        action="store_true",
+        help=f"after training, remove the filters and neurons W* zeroes from the network, print "
+        f"parameters, MACs, CPU latency and accuracy before and after, save {SLIM_FILE}",
+    )
+    slimming.add_argument(
+        "--slim-epochs",
+        type=_non_negative_int,
+        default=0,
+        help="with --slim: then train the slim model and the unslimmed one this many more epochs "
+        "(final learning rate, same data order) and print both accuracies (default: %(default)s)",
+    )
     return parser
 
 
@@ -237,6 +271,12 @@ def run(args: argparse.Namespace) -> None:
             f"--path-layer {layer!r} is not a conv weight of {args.model}; choose one of {conv_names}"
         )
     kinds = [args.optimizer]
+    if args.slim and args.optimizer != "slbi":
+        raise RunError("--slim removes what SLBI's W* zeroes; use it with --optimizer slbi")
+    if args.slim_epochs and not args.slim:
+        raise RunError("--slim-epochs trains the slim model on; add --slim")
+    if args.slim and importlib.util.find_spec("torch_pruning") is None:
+        raise RunError("--slim needs Torch-Pruning: pip install slbi-triton[slim]")
     if args.compare_sgd:
         if args.optimizer != "slbi":
             raise RunError("--compare-sgd compares SLBI with SGD; use it with --optimizer slbi")
@@ -244,7 +284,7 @@ def run(args: argparse.Namespace) -> None:
     data = load_data(args, device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / RECORD_FILENAME).unlink(missing_ok=True)  # the record file is appended to
-    for stale in ("metrics.csv", "prune.csv", "path.png", "sparsity.png"):
+    for stale in ("metrics.csv", "prune.csv", "path.png", "sparsity.png", SLIM_FILE, "slim.csv"):
         (args.out / stale).unlink(missing_ok=True)
     hyper = f"lr {args.lr:g}, momentum {args.momentum:g}, batch {args.batch_size}"
     if args.optimizer == "slbi":
@@ -293,6 +333,51 @@ def run(args: argparse.Namespace) -> None:
         if args.record_interval > 0:
             tables.append(args.out / RECORD_FILENAME)
     print(f"Tables:   {', '.join(str(t) for t in tables)}")
+    if args.slim and slbi is not None:
+        run_slim(slbi, args, data)
+
+
+def run_slim(run: RunResult, args: argparse.Namespace, data: Data) -> None:
+    """``--slim``: slim the trained model, save it, print the before / after table and,
+    with ``--slim-epochs``, train both models on."""
+    print(f"\nSlimming: removing what W* zeroes ({args.model}) ...", flush=True)
+    try:
+        result, report = slim_run(run, data)
+    except (SlimError, ImportError) as exc:
+        raise RunError(f"--slim: {exc}", 1) from exc
+    save_slim(args.out / SLIM_FILE, result, args.model, [1, *data.test_x.shape[1:]])
+    write_csv(args.out / "slim.csv", report.layers)
+    if args.slim_epochs:
+        report.trained_on = train_on(run, result, args, data)
+    print(slim_table(report))
+    print(f"Slim model: {args.out / SLIM_FILE} (per layer: {args.out / 'slim.csv'})")
+
+
+def save_slim(path: Path, result: SlimResult, architecture: str, example_shape: list[int]) -> None:
+    """Write a slim model as plain tensors and lists (``torch.load(weights_only=True)``)."""
+    torch.save(
+        {
+            "model": result.model.state_dict(),
+            "removed": result.removed,
+            "optimizer": result.optimizer.state_dict(),
+            "architecture": architecture,
+            "example_shape": example_shape,
+        },
+        path,
+    )
+
+
+def load_slim(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Read a ``slim.pt``: the slim model (its architecture rebuilt from the recorded
+    removals, weights loaded) and the whole checkpoint (``"optimizer"``: the SLBI state
+    for :func:`slbi_triton.train.slbi_param_groups` of that model)."""
+    checkpoint = torch.load(path, weights_only=True, map_location=map_location)
+    model = build_model(checkpoint["architecture"])
+    rebuild(model, checkpoint["removed"], torch.zeros(checkpoint["example_shape"]))
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,11 +39,47 @@ class LeNet(nn.Module):
         return self.fc2(F.relu(self.fc1(features)))
 
 
+class ShortcutA(nn.Module):
+    """The option-A shortcut of He et al.'s CIFAR ResNets as a module: subsample by
+    ``stride``, then copy input channel ``source[j]`` to output channel ``j`` (``-1``: a
+    zero channel).
+
+    Built with ``out_channels > in_channels`` it zero-pads ``(out - in) // 2`` channels
+    before the input's and the rest after, like ``F.pad``. It holds no parameters and no
+    persistent buffers, so checkpoints do not change; as a module with a channel map it
+    is a node that :mod:`slbi_triton.slim` can follow and prune (a channel router: an
+    ``in_channels`` attribute and a ``source`` buffer), where a traced ``F.pad`` would be
+    read as an elementwise op.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(f"ShortcutA cannot drop channels: {in_channels} -> {out_channels}")
+        self.in_channels = in_channels
+        self.stride = stride
+        before = (out_channels - in_channels) // 2
+        after = out_channels - in_channels - before
+        source = torch.cat([torch.full((before,), -1), torch.arange(in_channels), torch.full((after,), -1)])
+        self.register_buffer("source", source, persistent=False)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Map ``N x in_channels x H x W`` to ``N x len(source) x ceil(H/stride) x ceil(W/stride)``."""
+        if self.stride != 1:
+            inputs = inputs[:, :, :: self.stride, :: self.stride]
+        # One zero channel after the inputs, read by every output channel whose source is -1.
+        padded = F.pad(inputs, (0, 0, 0, 0, 0, 1))
+        return padded.index_select(1, torch.where(self.source < 0, self.in_channels, self.source))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {len(self.source)}, stride={self.stride}"
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv + BatchNorm layers with an identity (option A) shortcut.
 
-    When the block halves the resolution and widens the channels, the
-    shortcut subsamples by 2 and zero-pads the new channels, as in He et al.'s
+    When the block halves the resolution and widens the channels, the shortcut
+    (:class:`ShortcutA`) subsamples by 2 and zero-pads the new channels, as in He et al.'s
     CIFAR ResNets, so it adds no parameters.
     """
 
@@ -53,16 +89,11 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.stride = stride
-        self.extra_channels = out_channels - in_channels
+        identity = stride == 1 and out_channels == in_channels
+        self.shortcut: nn.Module = nn.Identity() if identity else ShortcutA(in_channels, out_channels, stride)
 
     def _shortcut(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.stride != 1:
-            inputs = inputs[:, :, :: self.stride, :: self.stride]
-        if self.extra_channels:
-            half = self.extra_channels // 2
-            inputs = F.pad(inputs, (0, 0, 0, 0, half, self.extra_channels - half))
-        return inputs
+        return self.shortcut(inputs)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Residual update ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""

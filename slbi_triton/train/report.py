@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .loop import RunResult
+    from .loop import RunResult, SlimReport
 
 SUMMARY_PRUNE_PERCENTS = (50, 80)
 """Pruning levels shown in the final table."""
@@ -87,3 +87,53 @@ def summary_table(results: Sequence[RunResult], conv_names: Sequence[str], layer
     return "\n".join([header, *body])
 
 
+def _count(value: float) -> str:
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:.0f}"
+
+
+def slim_table(report: SlimReport) -> str:
+    """Before / after slimming: parameters, MACs, CPU latency and test accuracy, then
+    the filters removed and, after ``--slim-epochs``, the accuracies trained on."""
+    before, after = report.before, report.after
+
+    def ratio(key: str) -> str:
+        return f"{after[key] / before[key]:.2f}"
+
+    rows = [
+        ("parameters", f"{before['params']:,.0f}", f"{after['params']:,.0f}", ratio("params")),
+        ("MACs per image", _count(before["macs"]), _count(after["macs"]), ratio("macs")),
+        (
+            f"CPU latency, batch {report.latency_batch} (median of {report.latency_rounds}, "
+            f"{report.threads} thread(s))",
+            f"{before['latency_ms']:.2f} ms",
+            f"{after['latency_ms']:.2f} ms",
+            ratio("latency_ms"),
+        ),
+        ("test accuracy (before: W*)", _pct(before["test_acc"]), _pct(after["test_acc"]), ""),
+    ]
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{'':{width}}  {'before':>10}  {'after':>10}  {'ratio':>6}"]
+    for label, old, new, factor in rows:
+        lines.append(f"{label:{width}}  {old:>10}  {new:>10}  {factor:>6}")
+    zero = sum(row["zero_in_w_star"] for row in report.layers)
+    removed = sum(row["removed"] for row in report.layers)
+    line = f"filters and neurons zero in W*: {zero}, removed: {removed}"
+    if removed < zero:
+        line += (
+            f" (the other {zero - removed} write channels that coupled layers still use, carry "
+            "constants, or are logits)"
+        )
+    lines.append(line)
+    lines.append(
+        f"largest output difference, slim vs W*, on {report.examples} test images: "
+        f"{report.difference:.2g} of the logit scale"
+    )
+    for row in report.trained_on:
+        lines.append(
+            f"{row['model']} model, {row['epochs']} more epoch(s): test accuracy {_pct(row['test_acc'])} "
+            f"(W* {_pct(row['test_acc_w_star'])})"
+        )
+    return "\n".join(lines)

@@ -31,7 +31,7 @@ test: venv data
 
 demo: venv data
 	$(BIN)/python -m slbi_triton.train --model lenet --dataset mnist --optimizer slbi --device cpu \
-		--data-dir $(DATA_DIR) --out $(DEMO_OUT)
+		--data-dir $(DATA_DIR) --out $(DEMO_OUT) --slim --slim-epochs 1
 
 bench: venv
 	$(BIN)/python -m benchmarks.report

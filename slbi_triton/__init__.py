@@ -1,9 +1,25 @@
-"""slbi-triton: Split Linearized Bregman Iteration as a fused multi-tensor torch optimizer."""
+"""slbi-triton: Split Linearized Bregman Iteration as a fused multi-tensor torch optimizer.
+
+``SLBI`` is the optimizer; ``slim`` turns a trained network into a physically smaller one
+(the optional extra ``[slim]``); ``load_records`` reads the record file of
+``step(record=True)``; ``SLBI.kernels()`` reports which kernel runs which parameters.
+"""
 
 from .dispatch import KernelInfo
 from .optimizer import SLBI
 from .recording import load_records
+from .slimming import SlimError, SlimResult, slim
 from .toolbox import SENTINEL_EPOCH, LayerSparsity, UnknownLayerError
 
-__all__ = ["SENTINEL_EPOCH", "SLBI", "KernelInfo", "LayerSparsity", "UnknownLayerError", "load_records"]
+__all__ = [
+    "SENTINEL_EPOCH",
+    "SLBI",
+    "KernelInfo",
+    "LayerSparsity",
+    "SlimError",
+    "SlimResult",
+    "UnknownLayerError",
+    "load_records",
+    "slim",
+]
 __version__ = "0.2.0"

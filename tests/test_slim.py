@@ -1,4 +1,4 @@
-"""Tests for slbi_triton.slim: physical slimming with the masked model's outputs, coupled
+"""Tests for slbi_triton.slimming: physical slimming with the masked model's outputs, coupled
 channels, Torch-Pruning's blind spots, the carried optimizer state, saving and bad input.
 
 Supports are set through the optimizer's public state dict (``tests/slim_models.py``), so
@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from torch import nn
 
 from slbi_triton import SLBI
-from slbi_triton.slim import TOLERANCE, SlimError, fold, rebuild, slim
+from slbi_triton.slimming import TOLERANCE, SlimError, fold, rebuild, slim
 from slbi_triton.train import slbi_param_groups
 from slbi_triton.train.models import LeNet, ResNet20
 

@@ -25,7 +25,7 @@ the dense model and the sparse one, W* = W ⊙ 1[Γ ≠ 0] (``use_w_star()`` →
 An SGD-only run (``--optimizer sgd``) writes ``metrics.csv`` and ``path.png``.
 
 ``--slim`` then removes the filters and neurons W* zeroes physically
-(:func:`slbi_triton.slim.slim`), prints parameters, MACs, CPU latency and test accuracy
+(:func:`slbi_triton.slim`), prints parameters, MACs, CPU latency and test accuracy
 before and after, and writes
 
 - ``slim.pt``: ``{"model": state dict, "removed": {...}, "optimizer": SLBI state dict,
@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from ..recording import RECORD_FILENAME
-from ..slim import SlimError, SlimResult, rebuild
+from ..slimming import SlimError, SlimResult, rebuild
 from .data import DATASET_NAMES, DataError, load_dataset, subset
 from .loop import (
     Data,

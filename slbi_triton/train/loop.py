@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .. import functional
 from ..optimizer import SLBI
-from ..slim import SlimResult, slim
+from ..slimming import SlimResult, slim
 from ..toolbox import LayerSparsity
 from .models import build_model
 from .plots import FilterPath

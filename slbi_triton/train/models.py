@@ -47,7 +47,7 @@ class ShortcutA(nn.Module):
     Built with ``out_channels > in_channels`` it zero-pads ``(out - in) // 2`` channels
     before the input's and the rest after, like ``F.pad``. It holds no parameters and no
     persistent buffers, so checkpoints do not change; as a module with a channel map it
-    is a node that :mod:`slbi_triton.slim` can follow and prune (a channel router: an
+    is a node that :mod:`slbi_triton.slimming` can follow and prune (a channel router: an
     ``in_channels`` attribute and a ``source`` buffer), where a traced ``F.pad`` would be
     read as an elementwise op.
     """

@@ -1,7 +1,7 @@
 """Physical slimming of SLBI-trained networks: the filters and neurons SLBI zeroes are
 removed, the model's function and the optimizer state are kept.
 
-    result = slbi_triton.slim.slim(model, opt, example_inputs)          # remove="w_star"
+    result = slbi_triton.slim(model, opt, example_inputs)               # remove="w_star"
     result.model       # a smaller nn.Module: eval outputs equal the W* model's (≤ 1e-5 relative)
     result.optimizer   # a new SLBI over it: W, Z, momentum, order, path, frozen masks carried
     result.removed     # {parameter name: [(dim, removed indices), ...]}
@@ -61,7 +61,7 @@ def _graph() -> Any:
         import torch_pruning  # noqa: F401
     except ImportError as exc:
         raise ImportError(
-            "slbi_triton.slim needs Torch-Pruning (torch-pruning>=1.6,<1.7): pip install slbi-triton[slim]"
+            "slbi_triton.slim() needs Torch-Pruning (torch-pruning>=1.6,<1.7): pip install slbi-triton[slim]"
         ) from exc
     from . import graph
 

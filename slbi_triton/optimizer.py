@@ -27,9 +27,8 @@ from .validation import (
     BACKENDS,
     HYPERPARAMETERS,
     GroupChecks,
-    check_group_penalty,
     check_hyperparameters,
-    check_parameter,
+    check_new_params,
     check_state_dtype,
     resolve_penalty,
 )
@@ -250,26 +249,13 @@ class SLBI(Optimizer):
             param_group = {**param_group, "params": raw}
         names = [item[0] if isinstance(item, tuple) else None for item in raw]
         tensors = [item[1] if isinstance(item, tuple) else item for item in raw]
-        self._check_new_params(tensors, names, merged["penalty"], where)
+        taken = {id(p) for group in self.param_groups for p in group["params"]}
+        check_new_params(tensors, names, merged["penalty"], where, taken)
+        for param in tensors:
+            check_backend(self.backend, param.device)
         super().add_param_group(param_group)
         if self._layout_ready:
             self._relayout()
-
-    def _check_new_params(
-        self, tensors: list[Any], names: list[str | None], penalty: str, where: str
-    ) -> None:
-        seen = {id(p) for group in self.param_groups for p in group["params"]}
-        labels = [
-            f"parameter {name!r}" if name is not None else f"parameter {position} of {where}"
-            for position, name in enumerate(names)
-        ]
-        for param, label in zip(tensors, labels, strict=True):
-            check_parameter(param, label)
-            if id(param) in seen:
-                raise ValueError(f"{label} appears more than once in the optimizer's parameters")
-            seen.add(id(param))
-            check_backend(self.backend, param.device)
-        check_group_penalty(penalty, tensors, where, labels)
 
     def assign_name(self, names: Iterable[str]) -> None:
         """Name the parameters in order (the paper's form ``SLBI(model.parameters())``).

@@ -101,6 +101,24 @@ def check_parameter(param: Any, label: str) -> None:
         raise TypeError(f"{label} has layout {param.layout}; SLBI needs dense (strided) parameters")
 
 
+def check_new_params(
+    tensors: list[Any], names: list[str | None], penalty: str, where: str, taken: set[int]
+) -> None:
+    """The parameters of a new param group ``where``: dense float tensors, none twice and
+    none already in the optimizer (``taken``: their ids), fit for ``penalty``."""
+    labels = [
+        f"parameter {name!r}" if name is not None else f"parameter {position} of {where}"
+        for position, name in enumerate(names)
+    ]
+    seen = set(taken)
+    for param, label in zip(tensors, labels, strict=True):
+        check_parameter(param, label)
+        if id(param) in seen:
+            raise ValueError(f"{label} appears more than once in the optimizer's parameters")
+        seen.add(id(param))
+    check_group_penalty(penalty, tensors, where, labels)
+
+
 def check_gradient(grad: Tensor, label: str) -> None:
     """Refuse sparse and complex gradients."""
     if grad.is_sparse or grad.layout != torch.strided:

@@ -113,7 +113,7 @@ def _reference_run(
     dampening: float,
     weight_decay: float,
 ) -> list[torch.Tensor]:
-    """DESIGN.md §1 in float64, functional, Γ recomputed from Z (never stored)."""
+    """The update of docs/design.md in float64, functional, Γ recomputed from Z (never stored)."""
     w = [x.detach().to(torch.float64).clone() for x in weights]
     z = [torch.zeros_like(x) for x in w]
     v: list[torch.Tensor | None] = [None] * len(w)

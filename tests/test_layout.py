@@ -84,4 +84,5 @@ def test_no_citation_of_files_outside_the_repository() -> None:
     for path in [*SOURCES, *REPO.glob("tests/*.py"), *REPO.glob("docs/*.md"), REPO / "README.md",
                  *REPO.glob("kernels/*.c")]:
         text = path.read_text(encoding="utf-8")
-        assert "DESIGN.md" not in text and "../shared" not in text, path
+        outside = ("DESIGN" + ".md", "../" + "shared")  # spelled apart so this file passes itself
+        assert not any(name in text for name in outside), path

@@ -1,6 +1,7 @@
-"""Triton JIT kernels of slbi-triton, installed as ``slbi_triton.kernels``.
+"""The fused kernels of slbi-triton, installed as ``slbi_triton.kernels``.
 
-``chunk_format`` is plain Python (the table layouts the kernels read) and always
-importable; ``slbi_step`` imports Triton and is imported lazily by the Python layer,
-so the torch backend works on machines without Triton.
+:mod:`.abi` (the tables every kernel reads) and :mod:`.ops` (the op
+``slbi_triton::bucket_step``) are plain Python; :mod:`.cpu_step` builds and calls the C
+kernel; :mod:`.triton_step` imports Triton and is imported only when a bucket needs it, so
+the CPU paths work on machines without Triton.
 """

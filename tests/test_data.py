@@ -1,4 +1,4 @@
-"""Tests for slbi_triton.train.data: IDX codec, damaged-file errors, real data when present."""
+"""Tests for slbi_triton.train.data and .idx: the IDX codec, damaged-file errors, real data when present."""
 
 from __future__ import annotations
 
@@ -14,21 +14,19 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from slbi_triton.train import data
+from slbi_triton.train import data, idx
 from slbi_triton.train.data import (
     DEBIAN_FASHION_MNIST_DIR,
     MNIST_WHEEL_MEMBER,
     MNIST_WHEEL_NAME,
-    DataError,
     DataNotFoundError,
     default_data_dir,
-    encode_idx,
     load_dataset,
     load_idx_folder,
     load_mnist_wheel,
-    read_idx,
     subset,
 )
+from slbi_triton.train.idx import DataError, encode_idx, read_idx
 
 IDX_STEMS = (
     "train-images-idx3-ubyte",
@@ -64,6 +62,11 @@ def test_idx_round_trip(tmp_path: Path, array: np.ndarray, compress: bool) -> No
     assert decoded.dtype == array.dtype.newbyteorder("=")
     np.testing.assert_array_equal(decoded, array)
     decoded[0] = 0  # writable, unlike a view of the file bytes
+
+
+def test_the_codec_is_importable_from_data_too() -> None:
+    assert (data.encode_idx, data.read_idx, data.DataError) == (encode_idx, read_idx, DataError)
+    assert issubclass(DataNotFoundError, idx.DataError)
 
 
 def test_encode_idx_header_is_big_endian() -> None:

@@ -15,7 +15,9 @@ Every source is decoded to uint8 pixels and checked against the SHA-256 of the
 official uncompressed IDX files, so the wheel and an IDX folder give identical
 tensors: images float32 ``N x 1 x 28 x 28`` in ``[0, 1]`` (pixel / 255) and
 labels int64 ``N``. Any damaged, truncated or foreign file raises
-:class:`DataError` naming the file and the problem.
+:class:`DataError` naming the file and the problem. The IDX format itself
+(:func:`encode_idx`, :func:`read_idx`, :class:`DataError`) is :mod:`.idx`'s; they
+are importable from here too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import io
 import logging
 import os
 import pickle
-import struct
 import time
 import zipfile
 import zlib
@@ -38,6 +39,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+
+from .idx import GZIP_ERRORS, DataError, encode_idx, read_idx
 
 try:
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
@@ -66,24 +69,7 @@ NUM_CLASSES = 10
 _TRAIN_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 _TEST_STEMS = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-_GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
-# Every failure of gzip on in-memory bytes: BadGzipFile is an OSError.
-_GZIP_ERRORS = (OSError, EOFError, zlib.error)
-
-# IDX type codes (third magic byte) and their big-endian NumPy dtypes.
-_IDX_DTYPES: dict[int, np.dtype] = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-
-
-class DataError(ValueError):
-    """A data file is missing, damaged, truncated or not the expected data."""
 
 
 class DataNotFoundError(DataError):
@@ -147,76 +133,6 @@ _FASHION_MNIST = _DatasetSpec(
     ),
 )
 _SPECS = {spec.name: spec for spec in (_MNIST, _FASHION_MNIST)}
-
-
-# --------------------------------------------------------------------------- IDX
-
-
-def encode_idx(array: np.ndarray) -> bytes:
-    """Serialise ``array`` in the IDX format (big-endian header and data).
-
-    Args:
-        array: An array with 1 to 255 dimensions and a dtype IDX can hold
-            (uint8, int8, int16, int32, float32, float64).
-
-    Returns:
-        The bytes of an uncompressed IDX file.
-    """
-    array = np.asarray(array)
-    codes = {dtype.newbyteorder("="): code for code, dtype in _IDX_DTYPES.items()}
-    code = codes.get(array.dtype.newbyteorder("="))
-    if code is None:
-        raise ValueError(f"IDX cannot hold dtype {array.dtype}")
-    if not 1 <= array.ndim <= 255:
-        raise ValueError(f"IDX needs 1 to 255 dimensions, got {array.ndim}")
-    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(_IDX_DTYPES[code], copy=False).tobytes()
-
-
-def _parse_idx(raw: bytes, source: Path) -> np.ndarray:
-    """Decode uncompressed IDX bytes read from ``source`` into a native-endian array."""
-    if len(raw) < 4:
-        raise DataError(f"{source}: truncated IDX file ({len(raw)} bytes, no complete header)")
-    zero_a, zero_b, code, ndim = raw[:4]
-    if zero_a or zero_b or code not in _IDX_DTYPES or ndim == 0:
-        raise DataError(f"{source}: not an IDX file (bad magic number 0x{raw[:4].hex()})")
-    header_size = 4 + 4 * ndim
-    if len(raw) < header_size:
-        raise DataError(
-            f"{source}: truncated IDX header ({len(raw)} bytes, {header_size} needed for {ndim} dimensions)"
-        )
-    shape = struct.unpack(f">{ndim}I", raw[4:header_size])
-    dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    found = len(raw) - header_size
-    if found < expected:
-        raise DataError(f"{source}: truncated IDX data: shape {shape} needs {expected} bytes, found {found}")
-    if found > expected:
-        raise DataError(f"{source}: IDX data too long: shape {shape} needs {expected} bytes, found {found}")
-    array = np.frombuffer(raw, dtype=dtype, offset=header_size).reshape(shape)
-    return array.astype(dtype.newbyteorder("="))
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file, gzipped or not (detected from its first bytes).
-
-    Args:
-        path: The IDX file, e.g. ``train-images-idx3-ubyte`` or its ``.gz``.
-
-    Returns:
-        A writable, native-endian array with the shape given in the header.
-
-    Raises:
-        DataError: The file is truncated, not IDX, or a corrupt gzip stream.
-    """
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except _GZIP_ERRORS as exc:
-            raise DataError(f"{path}: corrupt or truncated gzip stream ({exc})") from exc
-    return _parse_idx(raw, path)
 
 
 # ------------------------------------------------------------------ verification
@@ -352,7 +268,7 @@ def _unpickle_nielsen(packed: bytes, source: str) -> list[tuple[np.ndarray, np.n
             payload = _NumpyOnlyUnpickler(stream, encoding="latin1").load()
             # Reading to the end makes gzip check its CRC and length trailer.
             trailing = len(stream.read())
-    except _GZIP_ERRORS as exc:
+    except GZIP_ERRORS as exc:
         raise DataError(f"{source}: corrupt or truncated gzip stream ({exc})") from exc
     except Exception as exc:  # any failure inside pickle means a malformed file
         raise DataError(f"{source}: malformed pickle ({type(exc).__name__}: {exc})") from exc

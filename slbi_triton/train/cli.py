@@ -54,19 +54,12 @@ import torch
 from ..recording import RECORD_FILENAME
 from ..slimming import SlimError, SlimResult, rebuild
 from .data import DATASET_NAMES, DataError, load_dataset, subset
-from .loop import (
-    Data,
-    RunError,
-    RunResult,
-    conv_weight_names,
-    default_path_layer,
-    slim_run,
-    train_on,
-    train_run,
-)
+from .loop import conv_weight_names, default_path_layer, train_run
 from .models import MODEL_NAMES, build_model
 from .plots import plot_path, plot_sparsity
+from .records import Data, RunError, RunResult
 from .report import slim_table, summary_table, write_csv
+from .shrink import slim_run, train_on
 
 __all__ = ["build_parser", "load_slim", "main"]
 
@@ -101,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
             "on 2 CPU cores)."
         ),
     )
+    for add_group in (_add_what, _add_budget, _add_hyper, _add_run, _add_slimming):
+        add_group(parser)
+    return parser
+
+
+def _add_what(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to train")
     what.add_argument("--model", choices=MODEL_NAMES, default="lenet", help="default: %(default)s")
     what.add_argument("--dataset", choices=DATASET_NAMES, default="mnist", help="default: %(default)s")
@@ -112,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "order, budget and schedule; path.png shows its filters beside SLBI's",
     )
 
+
+def _add_budget(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_argument_group("budget and schedule")
     budget.add_argument("--epochs", type=_positive_int, default=8, help="default: %(default)s")
     budget.add_argument("--batch-size", type=_positive_int, default=128, help="default: %(default)s")
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "chance level for some seeds (default: %(default)s)",
     )
 
+
+def _add_hyper(parser: argparse.ArgumentParser) -> None:
     hyper = parser.add_argument_group("optimizer hyper-parameters")
     hyper.add_argument("--kappa", type=float, default=1.0, help="κ (SLBI; default: %(default)s)")
     hyper.add_argument(
@@ -152,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         "biases and norm layers 'none' (default: %(default)s)",
     )
 
+
+def _add_run(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument(
         "--device",
@@ -178,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--test-limit", type=_positive_int, help="test on the first N images only (default: all)"
     )
+
     run.add_argument(
         "--record-interval",
         type=_non_negative_int,
@@ -196,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also zero the bias of every pruned filter, so that it is removed entirely (default: on)",
     )
 
+
+def _add_slimming(parser: argparse.ArgumentParser) -> None:
     slimming = parser.add_argument_group("slimming (SLBI; needs the [slim] extra, torch-pruning)")
     slimming.add_argument(
         "--slim",
@@ -210,7 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --slim: then train the slim model and the unslimmed one this many more epochs "
         "(final learning rate, same data order) and print both accuracies (default: %(default)s)",
     )
-    return parser
 
 
 # ------------------------------------------------------------------------------ set-up
@@ -270,6 +277,34 @@ def run(args: argparse.Namespace) -> None:
         raise RunError(
             f"--path-layer {layer!r} is not a conv weight of {args.model}; choose one of {conv_names}"
         )
+    kinds = optimizer_kinds(args)
+    data = load_data(args, device)
+    clear_outputs(args.out)
+    print_header(args, data, kinds, device)
+
+    metrics: list[dict[str, Any]] = []
+    results = [train_run(kind, args, data, layer, metrics) for kind in kinds]
+    pictures = write_pictures(args.out, results, conv_names, layer)
+
+    print()
+    elapsed = time.perf_counter() - started
+    print(f"Results: {args.model} on {args.dataset}, {args.epochs} epochs, {elapsed:.0f} s in all")
+    print(summary_table(results, conv_names, layer))
+    print(f"Pictures: {', '.join(str(p) for p in pictures)} (path.png: {layer})")
+    slbi = next((r for r in results if r.kind == "slbi"), None)
+    tables = [args.out / "metrics.csv"]
+    if slbi is not None:
+        tables.append(args.out / "prune.csv")
+        if args.record_interval > 0:
+            tables.append(args.out / RECORD_FILENAME)
+    print(f"Tables:   {', '.join(str(t) for t in tables)}")
+    if args.slim and slbi is not None:
+        run_slim(slbi, args, data)
+
+
+def optimizer_kinds(args: argparse.Namespace) -> list[str]:
+    """The optimizers to train, in order (``--optimizer``, then SGD after
+    ``--compare-sgd``); the options that need SLBI or Torch-Pruning are checked."""
     kinds = [args.optimizer]
     if args.slim and args.optimizer != "slbi":
         raise RunError("--slim removes what SLBI's W* zeroes; use it with --optimizer slbi")
@@ -281,11 +316,20 @@ def run(args: argparse.Namespace) -> None:
         if args.optimizer != "slbi":
             raise RunError("--compare-sgd compares SLBI with SGD; use it with --optimizer slbi")
         kinds.append("sgd")
-    data = load_data(args, device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / RECORD_FILENAME).unlink(missing_ok=True)  # the record file is appended to
+    return kinds
+
+
+def clear_outputs(out: Path) -> None:
+    """Create ``out`` and remove what an earlier run left there (the record file is
+    appended to; the others would be stale if this run does not write them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECORD_FILENAME).unlink(missing_ok=True)
     for stale in ("metrics.csv", "prune.csv", "path.png", "sparsity.png", SLIM_FILE, "slim.csv"):
-        (args.out / stale).unlink(missing_ok=True)
+        (out / stale).unlink(missing_ok=True)
+
+
+def print_header(args: argparse.Namespace, data: Data, kinds: list[str], device: torch.device) -> None:
+    """The run's first line: model, data, optimizers and their settings, device, threads."""
     hyper = f"lr {args.lr:g}, momentum {args.momentum:g}, batch {args.batch_size}"
     if args.optimizer == "slbi":
         hyper += f", κ {args.kappa:g}, μ {args.mu:g}, λ {args.lam:g}"
@@ -297,44 +341,32 @@ def run(args: argparse.Namespace) -> None:
         flush=True,
     )
 
-    metrics: list[dict[str, Any]] = []
-    results = [train_run(kind, args, data, layer, metrics) for kind in kinds]
 
-    pictures = [plot_path(args.out / "path.png", layer, results[0].path, [r.path for r in results[1:]])]
+def write_pictures(out: Path, results: list[RunResult], conv_names: list[str], layer: str) -> list[Path]:
+    """``path.png`` and, after an SLBI run, ``prune.csv`` and ``sparsity.png``; the pictures."""
+    pictures = [plot_path(out / "path.png", layer, results[0].path, [r.path for r in results[1:]])]
     slbi = next((r for r in results if r.kind == "slbi"), None)
-    if slbi is not None:
-        write_csv(args.out / "prune.csv", slbi.prune_rows)
-        final = slbi.rows[-1]
-        final_support = {row.name: row for row in slbi.sparsity}
-        pictures.append(
-            plot_sparsity(
-                args.out / "sparsity.png",
-                [row["epoch"] for row in slbi.rows],
-                {name: [row[f"support_{name}"] for row in slbi.rows] for name in final_support},
-                [(name, final_support[name].support, final_support[name].size) for name in conv_names],
-                [row["percent"] for row in slbi.prune_rows],
-                {
-                    "every conv layer": [row["test_acc"] for row in slbi.prune_rows],
-                    f"{layer} only": [row[f"test_acc_{layer}_only"] for row in slbi.prune_rows],
-                },
-                final["test_acc"],
-                final["test_acc_w_star"],
-            )
+    if slbi is None:
+        return pictures
+    write_csv(out / "prune.csv", slbi.prune_rows)
+    final = slbi.rows[-1]
+    final_support = {row.name: row for row in slbi.sparsity}
+    pictures.append(
+        plot_sparsity(
+            out / "sparsity.png",
+            [row["epoch"] for row in slbi.rows],
+            {name: [row[f"support_{name}"] for row in slbi.rows] for name in final_support},
+            [(name, final_support[name].support, final_support[name].size) for name in conv_names],
+            [row["percent"] for row in slbi.prune_rows],
+            {
+                "every conv layer": [row["test_acc"] for row in slbi.prune_rows],
+                f"{layer} only": [row[f"test_acc_{layer}_only"] for row in slbi.prune_rows],
+            },
+            final["test_acc"],
+            final["test_acc_w_star"],
         )
-
-    print()
-    elapsed = time.perf_counter() - started
-    print(f"Results: {args.model} on {args.dataset}, {args.epochs} epochs, {elapsed:.0f} s in all")
-    print(summary_table(results, conv_names, layer))
-    print(f"Pictures: {', '.join(str(p) for p in pictures)} (path.png: {layer})")
-    tables = [args.out / "metrics.csv"]
-    if slbi is not None:
-        tables.append(args.out / "prune.csv")
-        if args.record_interval > 0:
-            tables.append(args.out / RECORD_FILENAME)
-    print(f"Tables:   {', '.join(str(t) for t in tables)}")
-    if args.slim and slbi is not None:
-        run_slim(slbi, args, data)
+    )
+    return pictures
 
 
 def run_slim(run: RunResult, args: argparse.Namespace, data: Data) -> None:

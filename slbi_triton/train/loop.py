@@ -1,15 +1,13 @@
-"""The training loop of ``slbi-train``: optimizers, schedulers, epochs, evaluation, the
-pruning sweep and the measurements of ``--slim``."""
+"""The training loop of ``slbi-train``: optimizers, schedulers, epochs, evaluation and
+the pruning sweep."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
-import statistics
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,41 +17,16 @@ from tqdm import tqdm
 
 from .. import functional
 from ..optimizer import SLBI
-from ..slimming import SlimResult, slim
 from ..toolbox import LayerSparsity
 from .models import build_model
 from .plots import FilterPath
+from .records import Data, RunError, RunResult
 from .report import epoch_line, write_csv
 
 PRUNE_PERCENTS = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 """Shares of the conv filters pruned for ``prune.csv``."""
 
 EVAL_BATCH_SIZE = 1000
-
-SLIM_EXAMPLES = 256
-"""Test images that ``--slim`` traces the model on, measures constants on and checks the
-slim model against W* on."""
-
-LATENCY_BATCH = 128
-LATENCY_ROUNDS = 15
-
-
-class RunError(Exception):
-    """A problem reported to the user as one line, with a non-zero exit status."""
-
-    def __init__(self, message: str, status: int = 2) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class Data:
-    """Train and test tensors on the training device."""
-
-    train_x: Tensor
-    train_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
 
 
 def conv_weight_names(model: nn.Module) -> list[str]:
@@ -149,29 +122,6 @@ def filter_norms(weight: Tensor) -> Tensor:
 
 
 @dataclass
-class RunResult:
-    """What one optimizer's run produced."""
-
-    kind: str
-    rows: list[dict[str, Any]]
-    path: FilterPath
-    seconds: float
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    sparsity: list[LayerSparsity] = field(default_factory=list)
-    prune_rows: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def final_accuracy(self) -> float:
-        return self.rows[-1]["test_acc"]
-
-    @property
-    def best(self) -> dict[str, Any]:
-        """The row of the best dense test accuracy (the first one of a tie)."""
-        return max(self.rows, key=lambda row: row["test_acc"])
-
-
-@dataclass
 class EpochLoop:
     """The training loop's state across epochs: schedulers, data order and step count."""
 
@@ -241,30 +191,9 @@ def train_run(
     sparsity: list[LayerSparsity] = []
     for epoch in range(1, args.epochs + 1):
         epoch_started = time.perf_counter()
+        row = train_and_test(loop, kind, epoch, data)
         if slbi is not None:
-            slbi.current_epoch = epoch
-        train_loss, train_acc = loop.train_epoch(data, f"{kind} epoch {epoch}/{args.epochs}")
-        if not math.isfinite(train_loss):
-            raise RunError(
-                f"{kind} diverged in epoch {epoch} (train loss {train_loss}); try a smaller --lr", 1
-            )
-        row: dict[str, Any] = {
-            "optimizer": kind,
-            "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train_loss,
-            "train_acc": train_acc,
-            "test_acc": evaluate(model, data.test_x, data.test_y),
-        }
-        if slbi is not None:
-            slbi.update_order(epoch)
-            slbi.use_w_star()
-            row["test_acc_w_star"] = evaluate(model, data.test_x, data.test_y)
-            slbi.recover()
-            row["residue"] = slbi.residue()
-            sparsity = slbi.sparsity()
-            row["conv_filters_out"] = conv_filters_outside(sparsity, conv_names)
-            row.update({f"support_{r.name}": r.fraction for r in sparsity})
+            sparsity = slbi_readouts(slbi, model, epoch, data, conv_names, row)
         else:
             norms.append(filter_norms(params[layer]))
         row["seconds"] = time.perf_counter() - epoch_started
@@ -283,6 +212,42 @@ def train_run(
     prune_rows = prune_sweep(slbi, model, conv_names, layer, data, args.prune_bias)
     seconds = time.perf_counter() - started
     return RunResult(kind, rows, path, seconds, model, optimizer, sparsity, prune_rows)
+
+
+def train_and_test(loop: EpochLoop, kind: str, epoch: int, data: Data) -> dict[str, Any]:
+    """Train epoch ``epoch`` (SLBI's ``current_epoch`` set first) and test the dense
+    model: the epoch's row of ``metrics.csv`` so far. A non-finite loss is a RunError."""
+    if isinstance(loop.optimizer, SLBI):
+        loop.optimizer.current_epoch = epoch
+    train_loss, train_acc = loop.train_epoch(data, f"{kind} epoch {epoch}/{loop.args.epochs}")
+    if not math.isfinite(train_loss):
+        raise RunError(f"{kind} diverged in epoch {epoch} (train loss {train_loss}); try a smaller --lr", 1)
+    return {
+        "optimizer": kind,
+        "epoch": epoch,
+        "lr": loop.optimizer.param_groups[0]["lr"],
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "test_acc": evaluate(loop.model, data.test_x, data.test_y),
+    }
+
+
+def slbi_readouts(
+    slbi: SLBI, model: nn.Module, epoch: int, data: Data, conv_names: Sequence[str], row: dict[str, Any]
+) -> list[LayerSparsity]:
+    """After epoch ``epoch``: ``update_order(epoch)``, then into ``row`` the test accuracy
+    of W* (``use_w_star()`` → evaluate → ``recover()``), the residue, the share of conv
+    filters outside the support and the support share of every penalised layer. Returns
+    the sparsity rows."""
+    slbi.update_order(epoch)
+    slbi.use_w_star()
+    row["test_acc_w_star"] = evaluate(model, data.test_x, data.test_y)
+    slbi.recover()
+    row["residue"] = slbi.residue()
+    sparsity = slbi.sparsity()
+    row["conv_filters_out"] = conv_filters_outside(sparsity, conv_names)
+    row.update({f"support_{r.name}": r.fraction for r in sparsity})
+    return sparsity
 
 
 def conv_filters_outside(sparsity: Sequence[LayerSparsity], conv_names: Sequence[str]) -> float:
@@ -325,126 +290,6 @@ def prune_sweep(
                 "conv_filters_pruned": every_zeroed,
                 f"test_acc_{layer}_only": alone,
                 f"{layer}_filters_pruned": alone_zeroed,
-            }
-        )
-    return rows
-
-
-# ------------------------------------------------------------------------------ --slim
-
-
-@dataclass
-class SlimReport:
-    """What ``--slim`` measured: ``before`` (the trained model; accuracy of W*) and
-    ``after`` (the slim model), each with ``params``, ``macs`` (one image), ``latency_ms``
-    (median of ``latency_rounds`` on a batch of ``latency_batch``, ``threads`` CPU
-    threads) and ``test_acc``; the output difference on ``examples`` test images; one row
-    per penalised layer; and, after ``--slim-epochs``, both models' accuracy trained on."""
-
-    before: dict[str, float]
-    after: dict[str, float]
-    difference: float
-    examples: int
-    layers: list[dict[str, Any]]
-    latency_batch: int
-    latency_rounds: int
-    threads: int
-    trained_on: list[dict[str, Any]] = field(default_factory=list)
-
-
-@torch.no_grad()
-def cpu_latency(models: Sequence[nn.Module], batch: Tensor, rounds: int = LATENCY_ROUNDS) -> list[float]:
-    """Median forward time in ms of each model on ``batch``, on the CPU in eval mode with
-    this process's thread count. After one warm-up call each, every round runs each model
-    once in turn, so that all of them see the same machine load."""
-    models = [copy.deepcopy(model).cpu().eval() for model in models]
-    batch = batch.cpu()
-    for model in models:
-        model(batch)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for model, seconds in zip(models, times, strict=True):
-            started = time.perf_counter()
-            model(batch)
-            seconds.append(time.perf_counter() - started)
-    return [1000.0 * statistics.median(seconds) for seconds in times]
-
-
-def _zero_rows(weight: Tensor) -> int:
-    return int((weight.reshape(weight.shape[0], -1) == 0).all(dim=1).sum())
-
-
-def slim_layers(optimizer: SLBI, removed: dict[str, list[tuple[int, list[int]]]]) -> list[dict[str, Any]]:
-    """Per penalised layer: filters / neurons, how many W* zeroes and how many were removed."""
-    rows = []
-    for row in optimizer.sparsity():
-        out = dict(removed.get(row.name, [])).get(0, [])
-        zero = _zero_rows(optimizer.w_star(row.name))
-        rows.append(
-            {
-                "layer": row.name,
-                "outputs": row.size if row.kind == "group" else None,
-                "zero_in_w_star": zero,
-                "removed": len(out),
-                "zero_kept": zero - len(out),
-            }
-        )
-    return rows
-
-
-def slim_run(run: RunResult, data: Data) -> tuple[SlimResult, SlimReport]:
-    """Slim the trained SLBI model (W*) and measure params, MACs, CPU latency and test
-    accuracy before and after."""
-    import torch_pruning as tp  # the [slim] extra; slim() has checked that it is there
-
-    examples = data.test_x[:SLIM_EXAMPLES]
-    result = slim(run.model, run.optimizer, examples)
-    measured = []
-    for model in (run.model, result.model):
-        macs, params = tp.utils.count_ops_and_params(model, examples[:1])
-        measured.append({"params": params, "macs": macs})
-    batch = data.test_x[:LATENCY_BATCH]
-    for values, latency in zip(measured, cpu_latency([run.model, result.model], batch), strict=True):
-        values["latency_ms"] = latency
-    measured[0]["test_acc"] = run.rows[-1]["test_acc_w_star"]
-    measured[1]["test_acc"] = evaluate(result.model, data.test_x, data.test_y)
-    layers = slim_layers(run.optimizer, result.removed)
-    report = SlimReport(
-        measured[0],
-        measured[1],
-        result.difference,
-        len(examples),
-        layers,
-        len(batch),
-        LATENCY_ROUNDS,
-        torch.get_num_threads(),
-    )
-    return result, report
-
-
-def train_on(
-    run: RunResult, result: SlimResult, args: argparse.Namespace, data: Data
-) -> list[dict[str, Any]]:
-    """Train the unslimmed and the slim model ``--slim-epochs`` more epochs each, at the
-    final learning rate and with the same data order; their dense and W* test accuracy."""
-    quiet = argparse.Namespace(**{**vars(args), "record_interval": 0})
-    rows = []
-    for label, model, optimizer in (
-        ("unslimmed", run.model, run.optimizer),
-        ("slim", result.model, result.optimizer),
-    ):
-        loop = EpochLoop(model, optimizer, None, torch.Generator().manual_seed(args.seed + 1), quiet)
-        for epoch in range(1, args.slim_epochs + 1):
-            loop.train_epoch(data, f"{label} +{epoch}/{args.slim_epochs}")
-        optimizer.use_w_star()
-        w_star = evaluate(model, data.test_x, data.test_y)
-        optimizer.recover()
-        rows.append(
-            {
-                "model": label,
-                "epochs": args.slim_epochs,
-                "test_acc": evaluate(model, data.test_x, data.test_y),
-                "test_acc_w_star": w_star,
             }
         )
     return rows

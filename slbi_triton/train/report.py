@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .loop import RunResult, SlimReport
+    from .records import RunResult, SlimReport
 
 SUMMARY_PRUNE_PERCENTS = (50, 80)
 """Pruning levels shown in the final table."""

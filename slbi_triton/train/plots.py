@@ -134,41 +134,55 @@ def plot_sparsity(
     """
     fig = Figure(figsize=(16.0, 4.4), layout="constrained")
     share_ax, final_ax, prune_ax = fig.subplots(1, 3)
+    _draw_support(share_ax, epochs, support_share)
+    _draw_final_filters(final_ax, final)
+    _draw_pruning(prune_ax, prune_percent, prune_accuracy, dense_accuracy, w_star_accuracy)
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    return out
 
+
+def _draw_support(ax: Axes, epochs: Sequence[int], support_share: Mapping[str, Sequence[float]]) -> None:
     for layer, shares in support_share.items():
-        share_ax.plot(epochs, [100.0 * s for s in shares], marker="o", markersize=3, label=layer)
-    share_ax.set_xlabel("epoch")
-    share_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    share_ax.set_ylabel("support (% of filters / weights with Γ ≠ 0)")
-    share_ax.set_ylim(-2, 102)
-    share_ax.set_title("Support along the path", fontsize=10)
-    share_ax.legend(fontsize=7)
-    share_ax.grid(alpha=0.3)
+        ax.plot(epochs, [100.0 * s for s in shares], marker="o", markersize=3, label=layer)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("support (% of filters / weights with Γ ≠ 0)")
+    ax.set_ylim(-2, 102)
+    ax.set_title("Support along the path", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
 
+
+def _draw_final_filters(ax: Axes, final: Sequence[tuple[str, int, int]]) -> None:
     names = [layer for layer, _, _ in final]
     inside = np.array([support for _, support, _ in final])
     outside = np.array([total - support for _, support, total in final])
     positions = np.arange(len(names))
-    final_ax.bar(positions, inside, color=SELECTED_COLOR, label="in the support")
-    final_ax.bar(positions, outside, bottom=inside, color=UNSELECTED_COLOR, label="outside")
+    ax.bar(positions, inside, color=SELECTED_COLOR, label="in the support")
+    ax.bar(positions, outside, bottom=inside, color=UNSELECTED_COLOR, label="outside")
     for x, (n_in, n_out) in enumerate(zip(inside, outside, strict=True)):
         share = 100.0 * n_out / max(n_in + n_out, 1)
-        final_ax.annotate(f"{share:.0f}% out", (x, n_in + n_out), ha="center", va="bottom", fontsize=8)
-    final_ax.set_xticks(positions, names, rotation=30, ha="right", fontsize=8)
-    final_ax.set_ylabel("conv filters")
-    final_ax.set_title("Conv filters at the end", fontsize=10)
-    final_ax.legend(fontsize=8)
+        ax.annotate(f"{share:.0f}% out", (x, n_in + n_out), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(positions, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("conv filters")
+    ax.set_title("Conv filters at the end", fontsize=10)
+    ax.legend(fontsize=8)
 
+
+def _draw_pruning(
+    ax: Axes,
+    prune_percent: Sequence[float],
+    prune_accuracy: Mapping[str, Sequence[float]],
+    dense_accuracy: float,
+    w_star_accuracy: float,
+) -> None:
     for label, accuracy in prune_accuracy.items():
-        prune_ax.plot(prune_percent, [100.0 * a for a in accuracy], marker="o", markersize=4, label=label)
-    prune_ax.axhline(100.0 * dense_accuracy, color="0.3", linestyle="--", label="dense")
-    prune_ax.axhline(100.0 * w_star_accuracy, color=SELECTED_COLOR, linestyle=":", label="W*")
-    prune_ax.set_xlabel("filters pruned by order (%)")
-    prune_ax.set_ylabel("test accuracy (%)")
-    prune_ax.set_title("Pruning, each followed by recover()", fontsize=10)
-    prune_ax.legend(fontsize=8)
-    prune_ax.grid(alpha=0.3)
-
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    return out
+        ax.plot(prune_percent, [100.0 * a for a in accuracy], marker="o", markersize=4, label=label)
+    ax.axhline(100.0 * dense_accuracy, color="0.3", linestyle="--", label="dense")
+    ax.axhline(100.0 * w_star_accuracy, color=SELECTED_COLOR, linestyle=":", label="W*")
+    ax.set_xlabel("filters pruned by order (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Pruning, each followed by recover()", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)

@@ -150,6 +150,10 @@ class Bucket:
         values = (getattr(self, f.name) for f in fields(self))
         return Bucket(*(v.clone() if isinstance(v, Tensor) else v for v in values))
 
+    def args(self) -> tuple:
+        """The op's arguments, in order."""
+        return tuple(getattr(self, f.name) for f in fields(self))[:-1]
+
     def outputs(self) -> list[Tensor]:
         """What a step writes: W, Z, v, the group norms and the step counter."""
         return [t for t in (self.params, self.z, self.momentum, self.group_norms, self.rng) if t is not None]
@@ -157,11 +161,10 @@ class Bucket:
     def run(self, kernel: str) -> None:
         """One step with ``kernel``: ``"c"``, ``"triton"`` (interpreted on CPU buffers),
         ``"cuda"`` (the op on CUDA buffers) or ``"reference"``."""
-        args = [getattr(self, f.name) for f in fields(self)][:-1]
         if kernel == "reference":
-            functional.bucket_step_reference(*args)
+            functional.bucket_step_reference(*self.args())
         else:
-            ops.bucket_step(*args, kernel == "triton")
+            ops.bucket_step(*self.args(), kernel == "triton")
 
 
 def random_bucket(
@@ -173,9 +176,13 @@ def random_bucket(
     hparams: dict[str, float] | None = None,
     momentum_ready: bool = True,
     seed: int = 0,
+    momentum: bool = True,
+    stochastic_rounding: bool | None = None,
 ) -> Bucket:
-    """A bucket of random W, g, Z, v (zero padding), group norms of Z spread so that some
-    filters are in the support and some not, every parameter active."""
+    """A bucket of random W, g, Z, v (zero padding), group norms of Z spread over [0, 2λ]
+    (the first filter's Z is 0) so that some filters are in the support and some not,
+    every parameter active. Without ``momentum`` the group has ρ = 0 and no buffer;
+    ``stochastic_rounding`` defaults to bfloat16 state of a wider parameter dtype."""
     spans, numel, num_norms = layout(shapes, penalties)
     generator = torch.Generator().manual_seed(seed)
     state_dtype = state_dtype or dtype
@@ -184,25 +191,28 @@ def random_bucket(
     for span in spans:
         for buffer in buffers:
             buffer[span.offset : span.offset + span.numel] = torch.randn(span.numel, generator=generator)
-        if span.penalty == "group":  # ‖Z_g‖ spread over [0, 2λ]
+        if span.penalty == "group" and span.num_groups:  # ‖Z_g‖ spread over [0, 2λ]
             rows = buffers[2][span.offset : span.offset + span.numel].view(span.num_groups, -1)
             rows.mul_(torch.linspace(0, 2 * lam, span.num_groups)[:, None] / rows.norm(dim=1, keepdim=True))
     params, grads = (b.to(dtype) for b in buffers[:2])
-    z, momentum = (b.to(state_dtype) for b in buffers[2:])
+    z, v = (b.to(state_dtype) for b in buffers[2:])
     norms = torch.zeros(num_norms, dtype=abi.norm_dtype(dtype))
     for span in spans:
-        if span.penalty == "group":
+        if span.penalty == "group" and span.num_groups:
             rows = z[span.offset : span.offset + span.numel].view(span.num_groups, -1)
             norm_rows = norms[span.norm_offset : span.norm_offset + span.num_groups]
             functional.refresh_group_norms_(rows, norm_rows)
     flags = abi.flag_words([True] * len(spans), [momentum_ready] * len(spans))
+    table = {**HPARAMS, **(hparams or {}), **({} if momentum else {"momentum": 0.0})}
+    if stochastic_rounding is None:
+        stochastic_rounding = state_dtype == torch.bfloat16 and dtype != torch.bfloat16
     return Bucket(
-        params, grads, z, momentum, norms,
+        params, grads, z, v if momentum else None, norms,
         abi.chunk_table(spans, geometry, numel, num_norms),
         torch.tensor(flags, dtype=torch.int32),
-        abi.hparam_table_traced([{**HPARAMS, **(hparams or {})}], torch.device("cpu")),
+        abi.hparam_table_traced([table], torch.device("cpu")),
         torch.tensor([12345, 0], dtype=torch.int64),
-        stochastic_rounding=state_dtype == torch.bfloat16 and dtype != torch.bfloat16,
+        stochastic_rounding=stochastic_rounding,
         spans=spans,
     )
 

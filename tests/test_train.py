@@ -24,6 +24,7 @@ from torch.utils.data import TensorDataset
 
 from slbi_triton import SLBI, train
 from slbi_triton.recording import RECORD_FILENAME, load_records
+from slbi_triton.train import loop
 from slbi_triton.train.data import MNIST_WHEEL_NAME, default_data_dir, encode_idx
 from slbi_triton.train.models import build_model
 
@@ -132,6 +133,29 @@ def test_tiny_run_writes_every_artifact(
     assert "conv filters outside the support" in printed
     assert "50% of every conv layer pruned" in printed and "80% of conv3.weight pruned" in printed
     assert f"Pictures: {out / 'path.png'}, {out / 'sparsity.png'}" in printed
+    assert "bfloat16" not in printed  # float32 state, the default, is not announced
+
+
+def test_bfloat16_state_run_writes_every_artifact(
+    tmp_path: Path, synthetic_data: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = {}
+    for state_dtype in ("float32", "bfloat16"):
+        out = tmp_path / state_dtype
+        argv = [*TINY, "--out", str(out), "--warmup-iters", "2", "--state-dtype", state_dtype]
+        assert train.main(argv) == 0
+        runs[state_dtype] = _read_csv(out / "metrics.csv")[0]
+    header = capsys.readouterr().out.split("Training lenet")[-1].splitlines()[0]
+    assert "κ 1, μ 100, λ 1, Z and momentum in bfloat16) for 1 epochs" in header
+    row = runs["bfloat16"]
+    for column in ("train_loss", "test_acc", "test_acc_w_star", "residue", "conv_filters_out"):
+        assert math.isfinite(float(row[column])), column
+    for artifact in ("prune.csv", "path.png", "sparsity.png", RECORD_FILENAME):
+        assert (tmp_path / "bfloat16" / artifact).stat().st_size > 0
+    assert [int(r["percent"]) for r in _read_csv(tmp_path / "bfloat16" / "prune.csv")] == list(
+        train.PRUNE_PERCENTS
+    )
+    assert row["residue"] != runs["float32"]["residue"]  # Z was stored (and rounded) otherwise
 
 
 def test_compare_sgd_trains_both_from_the_same_start(
@@ -272,6 +296,7 @@ def test_damaged_data_exit_status_of_the_command(tmp_path: Path) -> None:
         (["--path-layer", "fc1.weight"], "not a conv weight"),
         (["--train-limit", "5000"], "--train-limit 5000 is larger than the 320 images"),
         (["--optimizer", "sgd", "--compare-sgd"], "--compare-sgd"),
+        (["--optimizer", "sgd", "--state-dtype", "bfloat16"], "--state-dtype"),
     ],
 )
 def test_bad_arguments_give_a_clean_error(
@@ -292,7 +317,10 @@ def test_cuda_asked_for_without_cuda(tmp_path: Path, synthetic_data: list[str], 
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--model", "vgg"], ["--record-interval", "-1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--epochs", "0"], ["--model", "vgg"], ["--record-interval", "-1"], ["--state-dtype", "float16"]],
+)
 def test_argparse_rejects_bad_values(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         train.main(argv)
@@ -343,3 +371,25 @@ def test_schedule_warms_up_per_step_then_decays_per_epoch() -> None:
     assert lrs == pytest.approx([0.2, 0.1, 0.1, 0.05])
     disabled = argparse.Namespace(warmup_iters=0, lr_step=0, lr_gamma=0.1)
     assert train.build_schedulers(optimizer, disabled) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "state_dtype"),
+    [
+        ([], torch.float32),
+        (["--state-dtype", "float32"], torch.float32),
+        (["--state-dtype", "bfloat16"], torch.bfloat16),
+    ],
+)
+def test_state_dtype_reaches_the_optimizer(argv: list[str], state_dtype: torch.dtype) -> None:
+    args = train.build_parser().parse_args(argv)
+    model = build_model("lenet")
+    optimizer = loop.build_optimizer("slbi", model, args)
+    assert {kernel.state_dtype for kernel in optimizer.kernels()} == {state_dtype}
+    torch.nn.functional.cross_entropy(model(torch.rand(4, 1, 28, 28)), torch.arange(4)).backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        assert optimizer.state[param]["momentum_buffer"].dtype == state_dtype, name
+        if name.endswith("weight"):
+            assert optimizer.state[param]["z"].dtype == state_dtype, name
+    assert isinstance(loop.build_optimizer("sgd", model, args), torch.optim.SGD)

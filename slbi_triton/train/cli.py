@@ -24,6 +24,10 @@ the dense model and the sparse one, W* = W ⊙ 1[Γ ≠ 0] (``use_w_star()`` →
 
 An SGD-only run (``--optimizer sgd``) writes ``metrics.csv`` and ``path.png``.
 
+``--state-dtype bfloat16`` stores SLBI's Z and momentum buffer in bfloat16 with stochastic
+rounding (``SLBI(..., state_dtype=torch.bfloat16)``; ``docs/design.md`` §1); the default,
+float32, is the parameters' dtype.
+
 ``--slim`` then removes the filters and neurons W* zeroes physically
 (:func:`slbi_triton.slim`), prints parameters, MACs, CPU latency and test accuracy
 before and after, and writes
@@ -36,7 +40,6 @@ before and after, and writes
 ``--slim-epochs N`` trains the slim model and the unslimmed one N more epochs each (final
 learning rate, same data order) and prints both accuracies.
 """
-
 
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ import torch
 from ..recording import RECORD_FILENAME
 from ..slimming import SlimError, SlimResult, rebuild
 from .data import DATASET_NAMES, DataError, load_dataset, subset
-from .loop import conv_weight_names, default_path_layer, train_run
+from .loop import STATE_DTYPES, conv_weight_names, default_path_layer, train_run
 from .models import MODEL_NAMES, build_model
 from .plots import plot_path, plot_sparsity
 from .records import Data, RunError, RunResult
@@ -153,6 +156,14 @@ def _add_hyper(parser: argparse.ArgumentParser) -> None:
         help="SLBI penalty of fully connected weights: 'group' selects whole output neurons "
         "(rows) like conv filters, 'l1' single weights. Conv weights always get 'group', "
         "biases and norm layers 'none' (default: %(default)s)",
+    )
+    hyper.add_argument(
+        "--state-dtype",
+        choices=tuple(STATE_DTYPES),
+        default="float32",
+        help="SLBI: the dtype Z and the momentum buffer are stored in. float32 is the "
+        "parameters' dtype; bfloat16 halves that memory, stored with stochastic rounding "
+        "(the update is still computed in float32) (default: %(default)s)",
     )
 
 
@@ -312,6 +323,8 @@ def optimizer_kinds(args: argparse.Namespace) -> list[str]:
         raise RunError("--slim-epochs trains the slim model on; add --slim")
     if args.slim and importlib.util.find_spec("torch_pruning") is None:
         raise RunError("--slim needs Torch-Pruning: pip install slbi-triton[slim]")
+    if args.state_dtype != "float32" and args.optimizer != "slbi":
+        raise RunError("--state-dtype sets how SLBI stores Z and momentum; use it with --optimizer slbi")
     if args.compare_sgd:
         if args.optimizer != "slbi":
             raise RunError("--compare-sgd compares SLBI with SGD; use it with --optimizer slbi")
@@ -333,6 +346,8 @@ def print_header(args: argparse.Namespace, data: Data, kinds: list[str], device:
     hyper = f"lr {args.lr:g}, momentum {args.momentum:g}, batch {args.batch_size}"
     if args.optimizer == "slbi":
         hyper += f", κ {args.kappa:g}, μ {args.mu:g}, λ {args.lam:g}"
+        if args.state_dtype != "float32":
+            hyper += f", Z and momentum in {args.state_dtype}"
     print(
         f"Training {args.model} on {args.dataset} "
         f"({len(data.train_x)} train / {len(data.test_x)} test images) "
@@ -429,4 +444,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"slbi-train: error: {exc}", file=sys.stderr)
         return exc.status
     return 0
-

@@ -28,6 +28,9 @@ PRUNE_PERCENTS = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 
 EVAL_BATCH_SIZE = 1000
 
+STATE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+"""``--state-dtype``: SLBI's ``state_dtype`` (``None``: the parameters' dtype, float32 here)."""
+
 
 def conv_weight_names(model: nn.Module) -> list[str]:
     """Names of the conv weights, in parameter order."""
@@ -58,7 +61,8 @@ def slbi_param_groups(model: nn.Module, fc_penalty: str) -> list[dict[str, Any]]
 
 
 def build_optimizer(kind: str, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SLBI or SGD with the hyper-parameters of ``args``; bad values give a RunError."""
+    """SLBI or SGD with the hyper-parameters of ``args`` (SLBI's Z and momentum stored in
+    ``--state-dtype``); bad values give a RunError."""
     try:
         if kind == "sgd":
             return torch.optim.SGD(
@@ -72,6 +76,7 @@ def build_optimizer(kind: str, model: nn.Module, args: argparse.Namespace) -> to
             lam=args.lam,
             momentum=args.momentum,
             weight_decay=args.weight_decay,
+            state_dtype=STATE_DTYPES[args.state_dtype],
         )
     except (ValueError, TypeError) as exc:
         raise RunError(f"invalid hyper-parameter: {exc}") from exc

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -72,6 +72,37 @@ SLOT_ALIGNMENT = 16
 """Every parameter starts at a multiple of this many elements of its flat buffers (64
 bytes in float32): the kernels may then use aligned vector accesses. The elements between
 two parameters are padding, zero in every buffer, and the update keeps them zero."""
+
+
+class BucketArgs(NamedTuple):
+    """The arguments of ``slbi_triton::bucket_step`` (``docs/design.md``, "The kernel
+    ABI"), in order; every implementation (C, Triton, the torch reference) takes them so.
+
+    Attributes:
+        params, grads: the flat buffers of the bucket's dtype.
+        z, momentum: the flat buffers of the state dtype (``momentum``: ``None`` when no
+            group keeps a buffer).
+        group_norms: ‖Z_g‖ of every filter, in the arithmetic dtype (:func:`norm_dtype`).
+        chunks: the chunk table (:func:`chunk_table`).
+        slot_flags: the flag word of each parameter (:func:`flag_words`).
+        hparams: the hyper-parameter table (float64).
+        rng: int64 ``[seed, step]``; the step is counted unless ``found_inf`` is set.
+        inv_scale, found_inf: ``torch.amp.GradScaler``'s float32 1-element tensors, or ``None``.
+        stochastic_rounding: Z and v are bfloat16, written with stochastic rounding.
+    """
+
+    params: Tensor
+    grads: Tensor
+    z: Tensor
+    momentum: Tensor | None
+    group_norms: Tensor
+    chunks: Tensor
+    slot_flags: Tensor
+    hparams: Tensor
+    rng: Tensor
+    inv_scale: Tensor | None
+    found_inf: Tensor | None
+    stochastic_rounding: bool
 
 
 @dataclass(frozen=True)

@@ -166,26 +166,13 @@ def available(dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> boo
     return state_dtype in STATE_DTYPES.get(dtype, ()) and _library(dtype, state_dtype) is not None
 
 
-def launch(
-    params: Tensor,
-    grads: Tensor,
-    z: Tensor,
-    momentum: Tensor | None,
-    group_norms: Tensor,
-    chunks: Tensor,
-    slot_flags: Tensor,
-    hparams: Tensor,
-    rng: Tensor,
-    inv_scale: Tensor | None,
-    found_inf: Tensor | None,
-    stochastic_rounding: bool,
-    num_threads: int | None = None,
-) -> None:
-    """Run ``slbi_triton::bucket_step`` (arguments: see :mod:`.ops`) on CPU buffers in one
-    call of the C kernel. Every buffer's dtype, layout and size is checked here, every
-    chunk's bounds in the kernel before it writes: a bad input changes nothing.
+def launch(args: abi.BucketArgs, num_threads: int | None = None) -> None:
+    """Run ``slbi_triton::bucket_step`` on CPU buffers in one call of the C kernel. Every
+    buffer's dtype, layout and size is checked here, every chunk's bounds in the kernel
+    before it writes: a bad input changes nothing.
 
     Args:
+        args: the op's arguments (:class:`.abi.BucketArgs`).
         num_threads: OpenMP threads (default: ``torch.get_num_threads()``); the result
             does not depend on it.
 
@@ -193,7 +180,8 @@ def launch(
         RuntimeError: if the kernel is not available for these dtypes (see :func:`available`).
         ValueError: if a buffer or a chunk does not fit the ABI.
     """
-    library = _library_for(params.dtype, z.dtype, stochastic_rounding)
+    params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, rng, inv_scale, found_inf, _ = args
+    library = _library_for(params.dtype, z.dtype, args.stochastic_rounding)
     numel = params.numel()
     norm_dtype = abi.norm_dtype(params.dtype)
     _check_buffers(

@@ -10,15 +10,9 @@ CUDA graph. Its fake implementation describes no outputs: it mutates only.
 The op is defined with ``torch.library.Library`` rather than ``torch.library.custom_op``:
 the latter's Python wrapper costs ~40 µs per eager call, this ~2 µs.
 
-Arguments (in order): ``params``, ``grads`` (flat, the bucket's dtype); ``z``,
-``momentum`` (flat, the state dtype; ``momentum`` is ``None`` when no group keeps one);
-``group_norms`` (float32, float64 for float64 buckets); ``chunks`` (int32 or int64);
-``slot_flags`` (int32); ``hparams`` (float64); ``rng`` (int64 ``[seed, step]``: the step
-is counted unless ``found_inf`` is set); ``inv_scale``, ``found_inf`` (optional float32
-1-element tensors from ``torch.amp.GradScaler``); ``stochastic_rounding`` (Z and v are
-bfloat16 and written back with stochastic rounding); ``interpret_triton`` (CPU buffers
-only: run the Triton kernel under ``TRITON_INTERPRET=1`` instead of the C kernel, for
-tests).
+Arguments: those of :class:`.abi.BucketArgs`, in order, then ``interpret_triton`` (CPU
+buffers only: run the Triton kernel under ``TRITON_INTERPRET=1`` instead of the C kernel,
+for tests).
 """
 
 from __future__ import annotations
@@ -26,9 +20,8 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import Tensor
 
-from . import cpu_step
+from . import abi, cpu_step
 
 _LIBRARY = torch.library.Library("slbi_triton", "DEF")
 _LIBRARY.define(
@@ -55,33 +48,22 @@ def triton_launcher():
     return launch
 
 
-def _cpu(
-    params: Tensor, grads: Tensor, z: Tensor, momentum: Tensor | None, group_norms: Tensor,
-    chunks: Tensor, slot_flags: Tensor, hparams: Tensor, rng: Tensor, inv_scale: Tensor | None,
-    found_inf: Tensor | None, stochastic_rounding: bool, interpret_triton: bool,
-) -> None:
-    args = (params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, rng, inv_scale, found_inf)
+def _cpu(*args: object) -> None:
+    *buffers, interpret_triton = args
     if interpret_triton:
         launch = triton_launcher()
         if launch is None or not triton_interpreted():
             raise RuntimeError("interpret_triton=True needs Triton and TRITON_INTERPRET=1")
-        launch(*args, stochastic_rounding)
+        launch(abi.BucketArgs(*buffers))
     else:
-        cpu_step.launch(*args, stochastic_rounding)
+        cpu_step.launch(abi.BucketArgs(*buffers))
 
 
-def _cuda(
-    params: Tensor, grads: Tensor, z: Tensor, momentum: Tensor | None, group_norms: Tensor,
-    chunks: Tensor, slot_flags: Tensor, hparams: Tensor, rng: Tensor, inv_scale: Tensor | None,
-    found_inf: Tensor | None, stochastic_rounding: bool, interpret_triton: bool,
-) -> None:
+def _cuda(*args: object) -> None:
     launch = triton_launcher()
     if launch is None:
         raise RuntimeError("slbi_triton::bucket_step on CUDA needs Triton, which cannot be imported")
-    launch(
-        params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, rng, inv_scale, found_inf,
-        stochastic_rounding,
-    )
+    launch(abi.BucketArgs(*args[:-1]))
 
 
 _LIBRARY.impl("bucket_step", _cpu, "CPU")

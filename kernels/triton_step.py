@@ -370,22 +370,11 @@ LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 """Triton compile options of every launch (also used by the ahead-of-time checks)."""
 
 
-def launch(
-    params: torch.Tensor,
-    grads: torch.Tensor,
-    z: torch.Tensor,
-    momentum: torch.Tensor | None,
-    group_norms: torch.Tensor,
-    chunks: torch.Tensor,
-    slot_flags: torch.Tensor,
-    hparams: torch.Tensor,
-    rng: torch.Tensor,
-    inv_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
-    stochastic_rounding: bool,
-) -> None:
-    """Run ``slbi_triton::bucket_step`` in one launch (the arguments are those of the op,
-    see :mod:`.ops`), then count the step in ``rng`` unless ``found_inf`` is set."""
+def launch(args: abi.BucketArgs) -> None:
+    """Run ``slbi_triton::bucket_step`` (:class:`.abi.BucketArgs`) in one launch, then
+    count the step in ``rng`` unless ``found_inf`` is set."""
+    params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, rng, inv_scale, found_inf, _ = args
+    stochastic_rounding = args.stochastic_rounding
     num_chunks = chunks.shape[0]
     if num_chunks > 0:
         _slbi_bucket_kernel[(num_chunks,)](

@@ -193,22 +193,10 @@ def count_step_(rng: Tensor, found_inf: Tensor | None = None) -> None:
 # -- the op, in torch ----------------------------------------------------------------------
 
 
-def bucket_step_reference(
-    params: Tensor,
-    grads: Tensor,
-    z: Tensor,
-    momentum: Tensor | None,
-    group_norms: Tensor,
-    chunks: Tensor,
-    slot_flags: Tensor,
-    hparams: Tensor,
-    rng: Tensor,
-    inv_scale: Tensor | None,
-    found_inf: Tensor | None,
-    stochastic_rounding: bool,
-) -> None:
+def bucket_step_reference(args: abi.BucketArgs) -> None:
     """``slbi_triton::bucket_step`` in torch ops, chunk by chunk from the same tables
     (slow: for tests). Every kernel is tested against it."""
+    params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, rng, inv_scale, found_inf, _ = args
     if found_inf is not None and bool(found_inf.reshape(()) != 0):
         return
     inv = None if inv_scale is None else inv_scale.reshape(())
@@ -236,7 +224,7 @@ def bucket_step_reference(
             penalty=penalty,
             momentum_ready=bool(flags & abi.FLAG_MOMENTUM_READY),
             inv_scale=inv,
-            rounding_rng=rng if stochastic_rounding else None,
+            rounding_rng=rng if args.stochastic_rounding else None,
             first_index=start,
         )
         if norms is not None:

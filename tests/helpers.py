@@ -150,9 +150,9 @@ class Bucket:
         values = (getattr(self, f.name) for f in fields(self))
         return Bucket(*(v.clone() if isinstance(v, Tensor) else v for v in values))
 
-    def args(self) -> tuple:
+    def args(self) -> abi.BucketArgs:
         """The op's arguments, in order."""
-        return tuple(getattr(self, f.name) for f in fields(self))[:-1]
+        return abi.BucketArgs(*(getattr(self, f.name) for f in fields(self)[:-1]))
 
     def outputs(self) -> list[Tensor]:
         """What a step writes: W, Z, v, the group norms and the step counter."""
@@ -162,7 +162,7 @@ class Bucket:
         """One step with ``kernel``: ``"c"``, ``"triton"`` (interpreted on CPU buffers),
         ``"cuda"`` (the op on CUDA buffers) or ``"reference"``."""
         if kernel == "reference":
-            functional.bucket_step_reference(*self.args())
+            functional.bucket_step_reference(self.args())
         else:
             ops.bucket_step(*self.args(), kernel == "triton")
 

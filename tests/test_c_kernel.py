@@ -74,14 +74,10 @@ def test_thread_count_does_not_change_the_result() -> None:
     for threads in (1, 2):
         bucket = random_bucket(SHAPES, PENALTIES, seed=3)
         for _ in range(3):
-            cpu_step.launch(*[getattr(bucket, k) for k in _ARGS], False, num_threads=threads)
+            cpu_step.launch(bucket.args(), num_threads=threads)
         results.append(bucket.outputs())
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
-
-
-_ARGS = ("params", "grads", "z", "momentum", "group_norms", "chunks", "slot_flags", "hparams", "rng",
-         "inv_scale", "found_inf")
 
 
 def test_found_inf_writes_nothing_and_inv_scale_unscales() -> None:
@@ -259,5 +255,5 @@ def test_the_op_on_the_cpu_is_the_c_kernel(monkeypatch) -> None:
     launch = cpu_step.launch
     monkeypatch.setattr(cpu_step, "launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
     bucket = random_bucket(SHAPES[:3], PENALTIES[:3])
-    ops.bucket_step(*[getattr(bucket, k) for k in _ARGS], False, False)
+    ops.bucket_step(*bucket.args(), False)
     assert calls == [1]

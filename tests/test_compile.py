@@ -16,9 +16,6 @@ from slbi_triton import SLBI
 from .helpers import random_bucket
 from .reference import rel_err
 
-ARGUMENTS = ("params", "grads", "z", "momentum", "group_norms", "chunks", "slot_flags", "hparams", "rng",
-             "inv_scale", "found_inf", "stochastic_rounding")
-
 if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
     pytest.skip("this torch cannot trace Tensor.backward() in Dynamo", allow_module_level=True)
 
@@ -159,8 +156,7 @@ def test_opcheck_bucket_step(amp: float | None, kernel: str, state_dtype: torch.
     bucket = random_bucket([(5, 3, 2, 2), (7, 9), (4,)], ["group", "l1", "none"], state_dtype=state_dtype)
     if amp is not None:
         bucket.inv_scale, bucket.found_inf = torch.tensor([0.25]), torch.tensor([amp])
-    args = [getattr(bucket, f) for f in ARGUMENTS]
-    torch.library.opcheck(ops.bucket_step, (*copy.deepcopy(args), kernel == "triton"))
+    torch.library.opcheck(ops.bucket_step, (*copy.deepcopy(tuple(bucket.args())), kernel == "triton"))
 
 
 @trace_backward

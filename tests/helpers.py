@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any
 
 import torch
 from slbi_triton.kernels import abi, ops
@@ -128,31 +129,14 @@ def layout(shapes: Sequence[tuple[int, ...]], penalties: Sequence[str]) -> tuple
     return spans, offset, norms
 
 
-@dataclass
-class Bucket:
-    """The op's arguments for one bucket (``torch.ops.slbi_triton.bucket_step``)."""
-
-    params: Tensor
-    grads: Tensor
-    z: Tensor
-    momentum: Tensor | None
-    group_norms: Tensor
-    chunks: Tensor
-    slot_flags: Tensor
-    hparams: Tensor
-    rng: Tensor
-    inv_scale: Tensor | None = None
-    found_inf: Tensor | None = None
-    stochastic_rounding: bool = False
-    spans: list[Span] = field(default_factory=list)
-
+class _BucketMethods:
     def clone(self) -> Bucket:
         values = (getattr(self, f.name) for f in fields(self))
         return Bucket(*(v.clone() if isinstance(v, Tensor) else v for v in values))
 
     def args(self) -> abi.BucketArgs:
         """The op's arguments, in order."""
-        return abi.BucketArgs(*(getattr(self, f.name) for f in fields(self)[:-1]))
+        return abi.BucketArgs(*(getattr(self, name) for name in abi.BucketArgs._fields))
 
     def outputs(self) -> list[Tensor]:
         """What a step writes: W, Z, v, the group norms and the step counter."""
@@ -165,6 +149,17 @@ class Bucket:
             functional.bucket_step_reference(self.args())
         else:
             ops.bucket_step(*self.args(), kernel == "triton")
+
+
+_OPTIONAL = {"inv_scale": None, "found_inf": None, "stochastic_rounding": False}
+Bucket = make_dataclass(
+    "Bucket",
+    [(name, Any, _OPTIONAL[name]) if name in _OPTIONAL else (name, Any) for name in abi.BucketArgs._fields]
+    + [("spans", list, field(default_factory=list))],
+    bases=(_BucketMethods,),
+)
+"""The op's arguments for one bucket (the fields of ``abi.BucketArgs``, settable), and
+its parameters' places (``spans``)."""
 
 
 def random_bucket(

@@ -125,12 +125,6 @@ def test_slim_after_bfloat16_state(
     assert {kernel.state_dtype for kernel in opt.kernels()} == {torch.bfloat16}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="slimming/state.py's carry_state builds SLBI(groups) without the old optimizer's "
-    "state_dtype (nor backend, fused): the slim model's optimizer, and slim.pt, hold float32 state",
-)
 def test_slim_keeps_the_bfloat16_state(tmp_path: Path, synthetic_test_set: TensorDataset) -> None:
     out = tmp_path / "bf16"
     assert train.main([*TINY, "--out", str(out), "--slim", "--state-dtype", "bfloat16"]) == 0

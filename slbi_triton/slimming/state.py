@@ -128,6 +128,7 @@ def carry_state(opt: SLBI, model: nn.Module, removed: Removed) -> SLBI:
             name: _slice_path(path, shapes[position[name]], keeps[position[name]], kinds.get(name) == "group")
             for name, path in extras["order_path"].items()
         }
-    new = SLBI(groups)
+    # The options of the old optimizer too: its kernel family and state dtype.
+    new = SLBI(groups, backend=opt.backend, fused=opt.fused, state_dtype=opt.state_dtype)
     new.load_state_dict({**saved, "state": state, "slbi": extras})
     return new

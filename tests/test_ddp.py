@@ -79,6 +79,9 @@ def _worker(rank: int, port: int, out: str) -> None:
             state.update({f"{n}/z": opt.state[p]["z"].clone() for n, p in model.named_parameters()
                           if "z" in opt.state[p]})
             torch.save(state, Path(out) / f"rank{rank}_view{bucket_view}.pt")
+        # Both ranks done with every collective before either closes its connections (a
+        # rank that tears down first can abort the other's gloo threads).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

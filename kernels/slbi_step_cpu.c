@@ -65,13 +65,15 @@ static inline uint32_t span_key(uint32_t seed, int64_t first)
 }
 
 #if SLBI_STATE_BF16
-static inline float load_state(const state_t *p, int64_t i)
+static inline float widen(state_t bits)
 {
-    uint32_t bits = (uint32_t)p[i] << 16;
+    const uint32_t wide = (uint32_t)bits << 16;
     float value;
-    memcpy(&value, &bits, sizeof value);
+    memcpy(&value, &wide, sizeof value);
     return value;
 }
+
+static inline float load_state(const state_t *p, int64_t i) { return widen(p[i]); }
 
 /* float -> bfloat16, rounded up in magnitude with probability (dropped bits) / 2**16:
  * unbiased. Inf + random16 stays inf; NaN becomes the quiet NaN (its payload is not kept). */
@@ -82,15 +84,29 @@ static inline state_t round_stochastic(float value, uint32_t random16)
     const state_t rounded = (state_t)((bits + random16) >> 16);
     return value != value ? (state_t)0x7FC0u : rounded;
 }
-#define STORE_Z(p, i, x, h) ((p)[i] = round_stochastic((x), (h) & 0xFFFFu))
-#define STORE_V(p, i, x, h) ((p)[i] = round_stochastic((x), (h) >> 16))
-#define STORED(p, i) load_state(p, i)
+
+/* Z takes the low 16 random bits, v the high ones; store_z returns the value stored. */
+static inline float store_z(state_t *p, int64_t i, float value, uint32_t h)
+{
+    const state_t rounded = round_stochastic(value, h & 0xFFFFu);
+    p[i] = rounded;
+    return widen(rounded);
+}
+static inline void store_v(state_t *p, int64_t i, float value, uint32_t h) { p[i] = round_stochastic(value, h >> 16); }
 #define HASH(c, key, lo, i) sr_hash((key), (c).step_mix, (lo) + (uint32_t)(i))
 #else
 static inline scalar_t load_state(const state_t *p, int64_t i) { return p[i]; }
-#define STORE_Z(p, i, x, h) ((p)[i] = (x))
-#define STORE_V(p, i, x, h) ((p)[i] = (x))
-#define STORED(p, i) ((p)[i])
+static inline scalar_t store_z(state_t *p, int64_t i, scalar_t value, uint32_t h)
+{
+    (void)h;
+    p[i] = value;
+    return value;
+}
+static inline void store_v(state_t *p, int64_t i, scalar_t value, uint32_t h)
+{
+    (void)h;
+    p[i] = value;
+}
 #define HASH(c, key, lo, i) 0u
 #endif
 
@@ -114,7 +130,7 @@ static inline __attribute__((always_inline)) scalar_t update_span(
         scalar_t u = g[i] * c.scale + c.wd * w_t;
         scalar_t velocity = v_mode == V_HISTORY ? c.rho * load_state(v, i) + c.one_minus_d * u : u;
         if (v_mode != V_NONE)
-            STORE_V(v, i, velocity, h);
+            store_v(v, i, velocity, h);
         if (penalty == PENALTY_NONE) {
             w[i] = w_t - c.lr_kappa * velocity;
             continue;
@@ -129,8 +145,7 @@ static inline __attribute__((always_inline)) scalar_t update_span(
         }
         scalar_t residual = w_t - gamma; /* W_t - Gamma_t */
         w[i] = w_t - c.lr_kappa * (velocity + residual * c.inv_mu);
-        STORE_Z(z, i, z_t + c.lr_over_mu * residual, h);
-        scalar_t z_stored = STORED(z, i);
+        const scalar_t z_stored = store_z(z, i, z_t + c.lr_over_mu * residual, h);
         sq_sum += z_stored * z_stored;
     }
     return sq_sum;

@@ -260,8 +260,10 @@ def ptx_accesses(ptx: str, kernel: Any) -> list[Access]:
     """The main-stream global loads and stores of ``ptx``, compiled from ``kernel``."""
     pointer_args = [n for i, n in enumerate(kernel.arg_names) if not kernel.params[i].is_constexpr]
     streams = {i: STREAMS[n] for i, n in enumerate(pointer_args) if n in STREAMS}
-    kernel_file = Path(inspect.getsourcefile(kernel.fn)).resolve()
-    files = {int(i): Path(p).resolve() == kernel_file for i, p in _FILE.findall(ptx)}
+    # By name: Triton's cache keys on the source, not its path, so a PTX may come from the
+    # same file in another checkout (the line numbers are the same: the source is).
+    kernel_file = Path(inspect.getsourcefile(kernel.fn)).name
+    files = {int(i): Path(p).name == kernel_file for i, p in _FILE.findall(ptx)}
     sites = path_call_sites(kernel)
     roots = register_roots(ptx)
     path = "?"

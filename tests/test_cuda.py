@@ -68,14 +68,18 @@ def test_deterministic_on_gpu() -> None:
         assert torch.equal(a, b)
 
 
-def test_training_step_captured_in_cuda_graph() -> None:
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["state-fp32", "state-bf16"])
+def test_training_step_captured_in_cuda_graph(state_dtype: torch.dtype | None) -> None:
+    """Replays equal eager steps; with bfloat16 state too (the step counter that keys the
+    stochastic rounding advances on the device, inside the graph)."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(), nn.Linear(8 * 12 * 12, 10)
     ).cuda()
     eager_model = copy.deepcopy(model)
-    opt = SLBI(model.parameters(), lr=0.05, lam=0.05, mu=10.0)
-    eager_opt = SLBI(eager_model.parameters(), lr=0.05, lam=0.05, mu=10.0)
+    hparams = {"lr": 0.05, "lam": 0.05, "mu": 10.0, "state_dtype": state_dtype, "seed": 3}
+    opt = SLBI(model.parameters(), **hparams)
+    eager_opt = SLBI(eager_model.parameters(), **hparams)
     assert [info.kernel for info in opt.kernels()] == ["triton"]
     gen = torch.Generator(device="cuda").manual_seed(1)
     batches = [(torch.randn(32, 3, 16, 16, device="cuda", generator=gen),

@@ -213,17 +213,14 @@ def flag_words(active: Iterable[bool], momentum_ready: Iterable[bool]) -> tuple[
     )
 
 
-def hparam_values(groups: Sequence[Mapping[str, Any]]) -> list[list[float]] | None:
-    """The table's rows as floats, or ``None`` when a value is a tensor (then the table is
-    built with device ops: :func:`hparam_table_traced`)."""
+def hparam_values(groups: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    """The table's rows as floats, for groups of plain numbers (a group holding a tensor
+    value is built with device ops: :func:`hparam_table_traced`)."""
     rows = []
     for group in groups:
         row = [0.0] * HPARAM_FIELDS
         for column, key in HPARAM_KEYS.items():
-            value = group[key]
-            if isinstance(value, Tensor):
-                return None
-            row[column] = float(value)
+            row[column] = float(group[key])
         row[HP_USE_MOMENTUM] = float(row[HP_MOMENTUM] != 0.0)
         rows.append(row)
     return rows
@@ -246,6 +243,14 @@ def hparam_table_traced(groups: Sequence[Mapping[str, Any]], device: torch.devic
         row[HP_USE_MOMENTUM] = zero + float(group["momentum"] != 0)
         rows.append(torch.stack(row))
     return torch.stack(rows)
+
+
+def count_step_(rng: Tensor, found_inf: Tensor | None = None) -> None:
+    """``rng[RNG_STEP] += 1``, unless ``found_inf`` (one element) is non-zero: how the
+    Triton launcher and the torch paths count a step (the C kernel does the same in C);
+    device ops only, no host sync."""
+    step = rng[RNG_STEP:]
+    step.add_(1 if found_inf is None else (found_inf == 0).to(torch.int64))
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:

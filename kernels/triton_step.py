@@ -396,8 +396,4 @@ def launch(args: abi.BucketArgs) -> None:
             STOCHASTIC_ROUNDING=stochastic_rounding,
             **LAUNCH_OPTIONS,
         )
-    step = rng[abi.RNG_STEP :]
-    if found_inf is None:
-        step.add_(1)
-    else:
-        step.add_((found_inf == 0).to(torch.int64))
+    abi.count_step_(rng, found_inf)

@@ -159,9 +159,11 @@ class FlatBucket:
             for slot in self.slots:
                 slot.momentum_view = self.view_of(self.momentum, slot)
 
-    def norms_of(self, slot: Slot) -> Tensor:
-        """``slot``'s ‖Z_g‖ (one per group) in :attr:`group_norms`."""
-        return self.group_norms[slot.norm_offset : slot.norm_offset + slot.num_groups]
+    def norms_of(self, slot: Slot, per_norm: Tensor | None = None) -> Tensor:
+        """``slot``'s ‖Z_g‖ (one per group) in :attr:`group_norms`, or its entries of
+        another tensor laid out like it (``per_norm``)."""
+        flat = self.group_norms if per_norm is None else per_norm
+        return flat[slot.norm_offset : slot.norm_offset + slot.num_groups]
 
     def refresh_group_norms(self, slots: list[Slot] | None = None) -> None:
         """Recompute ‖Z_g‖ from Z (after Z was edited outside the step).
@@ -191,13 +193,10 @@ class FlatBucket:
             self.view_of(flat, slot).copy_(full)
             if slot.penalty == "group":
                 rows = full.reshape(slot.num_groups, -1)
-                self.norms_of_mask(norms, slot).copy_(rows.all(dim=1))
+                self.norms_of(slot, norms).copy_(rows.all(dim=1))
                 if bool((rows.any(dim=1) & ~rows.all(dim=1)).any()):
                     self._frozen_partial.append(slot)  # part of a filter: norms recomputed
         self.frozen = (flat, norms)
-
-    def norms_of_mask(self, norm_mask: Tensor, slot: Slot) -> Tensor:
-        return norm_mask[slot.norm_offset : slot.norm_offset + slot.num_groups]
 
     def apply_frozen(self) -> None:
         """Zero the frozen entries of W, Z and v, and the norms of frozen filters."""

@@ -133,7 +133,7 @@ class TorchKernel:
                 functional.slbi_update_(**kwargs)
             if run.penalty == "group":
                 functional.refresh_group_norms_(kwargs["z"], kwargs["group_norms"], found_inf)
-        functional.count_step_(bucket.rng, found_inf)
+        abi.count_step_(bucket.rng, found_inf)
 
     def _arguments(
         self, bucket: FlatBucket, run: Any, group: Mapping[str, Any], inv_scale: Tensor | None,

@@ -184,12 +184,6 @@ def refresh_group_norms_(z: Tensor, group_norms: Tensor, found_inf: Tensor | Non
         group_norms.copy_(torch.where(found_inf != 0, group_norms, norms))
 
 
-def count_step_(rng: Tensor, found_inf: Tensor | None = None) -> None:
-    """``rng[step] += 1``, unless ``found_inf`` (0-d) is non-zero; device ops only."""
-    step = rng[abi.RNG_STEP :]
-    step.add_(1 if found_inf is None else (found_inf == 0).to(torch.int64))
-
-
 # -- the op, in torch ----------------------------------------------------------------------
 
 
@@ -229,4 +223,4 @@ def bucket_step_reference(args: abi.BucketArgs) -> None:
         )
         if norms is not None:
             refresh_group_norms_(z[span].view(shape), norms)
-    count_step_(rng)
+    abi.count_step_(rng)

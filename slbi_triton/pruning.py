@@ -82,12 +82,7 @@ class Pruner:
         percent = _check_percent(percent)
         plans = []
         for slot in self.toolbox.resolve_layers(layer_name, "layer_name"):
-            state = self.optimizer.state[self.toolbox.require_penalised(slot).param]
-            if "entry_epoch" not in state or "order_magnitude" not in state:
-                raise ValueError(
-                    f"layer {slot.name!r} has no prune order yet; call update_order(epoch) at the end of "
-                    "each epoch before prune_layer"
-                )
+            self.toolbox.require_order(self.toolbox.require_penalised(slot), " before prune_layer")
             plans.append((slot, self._bias_of(slot) if prune_bias else None))
         self._save([p for slot, bias in plans for p in (slot, bias) if p is not None])
         frozen = dict(self.frozen)

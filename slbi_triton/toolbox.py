@@ -306,13 +306,19 @@ class Toolbox:
         Args:
             name: the parameter's name.
         """
-        slot = self.penalised_slot(name)
+        state = self.require_order(self.penalised_slot(name))
+        return state["order_magnitude"].double() - as_epochs(state["entry_epoch"]).double()
+
+    def require_order(self, slot: Slot, before: str = "") -> dict[str, Any]:
+        """The state of a penalised slot that has a prune order (raises if it has none yet;
+        ``before`` ends the message, e.g. ``" before prune_layer"``)."""
         state = self.optimizer.state[slot.param]
         if "entry_epoch" not in state or "order_magnitude" not in state:
             raise ValueError(
-                f"layer {name!r} has no prune order yet; call update_order(epoch) at the end of each epoch"
+                f"layer {slot.name!r} has no prune order yet; call update_order(epoch) at the end of "
+                f"each epoch{before}"
             )
-        return state["order_magnitude"].double() - as_epochs(state["entry_epoch"]).double()
+        return state
 
     def path_history(self, name: str) -> dict[str, Any]:
         """The per-epoch regularisation path of a penalised layer, for plotting.
@@ -400,7 +406,7 @@ class Toolbox:
                 gamma = self.gamma_of(slot)
                 if slot.penalty == "group":
                     parts.append("filter_norm")
-                    pieces.append(recording.summary_stats(functional.group_norms_of(slot.param.detach())))
+                    pieces.append(recording.summary_stats(self.magnitude(slot)))
                 support = self.selected(slot, gamma)
                 pieces.append(torch.stack([support.sum().double(), self.residue_of(slot, gamma)]))
             layouts.append((slot, parts))

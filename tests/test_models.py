@@ -64,7 +64,7 @@ def test_resnet20_layout() -> None:
 def test_resnet20_downsampling_shortcut_pads_channels() -> None:
     block = ResNet20().layer2[0]
     inputs = torch.rand(2, 16, 28, 28)
-    shortcut = block._shortcut(inputs)
+    shortcut = block.shortcut(inputs)
     assert shortcut.shape == (2, 32, 14, 14)
     torch.testing.assert_close(shortcut[:, 8:24], inputs[:, :, ::2, ::2])
     assert shortcut[:, :8].abs().sum() == 0 and shortcut[:, 24:].abs().sum() == 0

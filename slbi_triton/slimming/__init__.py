@@ -148,12 +148,13 @@ def slim(model: nn.Module, opt: SLBI, example_inputs: Any, remove: str = "w_star
         for s in channels.sets
         if s.blocked is None and s.producers and all(_zero_row(member) for member in s.producers)
     ]
-    removed_sets, kept = fold.plan(fold.measure(candidates, channels, masked, inputs))
+    constants, reference = fold.measure(candidates, channels, masked, inputs)
+    removed_sets, kept = fold.plan(constants)
     fold.fold(removed_sets, kept, channels)
     sets = [constant.channels for constant in removed_sets]
     removed = channels.record(sets)
     channels.remove(sets)
-    difference = compare(work, masked, inputs)
+    difference = compare(work, reference, inputs)
     logger.info(
         "slim: removed %d of %d channel sets (%d zero in every producer; %d kept as carriers or "
         "last channels); largest output difference %.2g",
@@ -195,7 +196,7 @@ def rebuild(model: nn.Module, removed: Mapping[str, Any], example_inputs: Any) -
     sets = []
     for channel_set in channels.sets:
         flags = {
-            member.index in cut.get((_weight_name(channels, member), 0), ())
+            member.index in cut.get((channels.param_name(member.module, "weight"), 0), ())
             for member in channel_set.producers
         }
         if flags == {True, False}:
@@ -206,11 +207,6 @@ def rebuild(model: nn.Module, removed: Mapping[str, Any], example_inputs: Any) -
         raise ValueError("removed does not match the channel sets of this architecture")
     channels.remove(sets)
     return model
-
-
-def _weight_name(channels: Any, member: Any) -> str:
-    prefix = channels.name(member.module)
-    return f"{prefix}.weight" if prefix else "weight"
 
 
 def _normalised(removed: Mapping[str, Any]) -> dict[str, list[tuple[int, list[int]]]]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,22 +44,29 @@ def _tensors(outputs: Any) -> list[Tensor]:
     raise TypeError(f"slim compares tensor outputs (or tuples of them), the model returned {type(outputs)}")
 
 
-@torch.no_grad()
-def eval_outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
-    """The model's outputs in eval mode (its train / eval flags are restored after)."""
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every module's train / eval flag on exit."""
     modes = {module: module.training for module in model.modules()}
-    model.eval()
     try:
-        return _tensors(model(*inputs))
+        yield
     finally:
         for module, mode in modes.items():
             module.training = mode
 
 
-def compare(slim: nn.Module, masked: nn.Module, inputs: tuple[Tensor, ...]) -> float:
-    """The largest difference between the two models' eval outputs relative to the
-    masked outputs' scale; raises :class:`SlimError` above :data:`TOLERANCE`."""
-    reference = eval_outputs(masked, inputs)
+@torch.no_grad()
+def eval_outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    """The model's outputs in eval mode (its train / eval flags are restored after)."""
+    with kept_modes(model):
+        model.eval()
+        return _tensors(model(*inputs))
+
+
+def compare(slim: nn.Module, reference: list[Tensor], inputs: tuple[Tensor, ...]) -> float:
+    """The largest difference between the slim model's eval outputs and ``reference``
+    (the masked model's) relative to the reference's scale; raises :class:`SlimError`
+    above :data:`TOLERANCE`."""
     try:
         outputs = eval_outputs(slim, inputs)
     except RuntimeError as exc:  # e.g. a shape mismatch after removing a channel

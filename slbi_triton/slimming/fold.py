@@ -63,10 +63,10 @@ def _channel_dim(module: nn.Module) -> int:
 
 def _capture(
     model: nn.Module, modules: dict[str, nn.Module], inputs: tuple[Tensor, ...]
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], list[Tensor]]:
     """The inputs of ``modules`` in an eval-mode forward of ``model`` (the calls of a
-    module used twice are stacked along the batch). Copies: a later in-place op (ReLU with
-    ``inplace=True``, ``+=``) must not change them."""
+    module used twice are stacked along the batch), and the model's outputs. Copies: a
+    later in-place op (ReLU with ``inplace=True``, ``+=``) must not change them."""
     seen: dict[str, list[Tensor]] = {name: [] for name in modules}
 
     def keep(name: str) -> Any:
@@ -74,29 +74,30 @@ def _capture(
 
     hooks = [module.register_forward_pre_hook(keep(name)) for name, module in modules.items()]
     try:
-        eval_outputs(model, inputs)
+        outputs = eval_outputs(model, inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: torch.cat(values) for name, values in seen.items() if values}
+    return {name: torch.cat(values) for name, values in seen.items() if values}, outputs
 
 
 def measure(
     candidates: list[ChannelSet], graph: ChannelGraph, masked: nn.Module, inputs: tuple[Tensor, ...]
-) -> list[Constant]:
+) -> tuple[list[Constant], list[Tensor]]:
     """The value of each candidate channel at each of its consumers, read on ``masked``
-    (whose modules have the names of ``graph``'s model); raises :class:`SlimError` when
-    one is not constant."""
+    (whose modules have the names of ``graph``'s model) in one forward, and that forward's
+    eval outputs (the reference the slim model is checked against); raises
+    :class:`SlimError` when a value is not constant."""
     by_name = dict(masked.named_modules())
     consumers = {graph.name(m.module) for c in candidates for m in c.consumers}
-    captured = _capture(masked, {name: by_name[name] for name in consumers}, inputs)
+    captured, outputs = _capture(masked, {name: by_name[name] for name in consumers}, inputs)
     constants = []
     for channels in candidates:
         constant = Constant(channels)
         for member in channels.consumers:
             constant.values[(member.module, member.index)] = _read(captured, member, channels, graph)
         constants.append(constant)
-    return constants
+    return constants, outputs
 
 
 def _read(captured: dict[str, Tensor], member: Member, channels: ChannelSet, graph: ChannelGraph) -> float:

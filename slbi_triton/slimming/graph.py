@@ -18,6 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from .check import kept_modes
 from .router import RouterPruner, couple_routers, is_router
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -87,24 +88,25 @@ class ChannelGraph:
         self.names = {module: name for name, module in model.named_modules()}
         pruner = RouterPruner()
         routers = {type(module): pruner for module in model.modules() if is_router(module)}
-        modes = {module: module.training for module in model.modules()}
-        try:
-            with torch.enable_grad():  # the graph is read off autograd
-                self.graph = tp.DependencyGraph().build_dependency(
-                    model,
-                    inputs,
-                    forward_fn=lambda module, args: module(*args),
-                    customized_pruners=routers,
-                    verbose=False,
-                )
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
+        # The graph is read off autograd.
+        with kept_modes(model), torch.enable_grad():
+            self.graph = tp.DependencyGraph().build_dependency(
+                model,
+                inputs,
+                forward_fn=lambda module, args: module(*args),
+                customized_pruners=routers,
+                verbose=False,
+            )
         couple_routers(self.graph, pruner)
         self.sets = self._channel_sets()
 
     def name(self, module: Any) -> str:
         return self.names.get(module, str(module))
+
+    def param_name(self, module: Any, attr: str) -> str:
+        """The model's name for ``module``'s parameter ``attr`` (e.g. ``"conv1.weight"``)."""
+        prefix = self.name(module)
+        return f"{prefix}.{attr}" if prefix else attr
 
     def _channel_sets(self) -> list[ChannelSet]:
         sets: list[ChannelSet] = []
@@ -171,9 +173,8 @@ class ChannelGraph:
         removed: Removed = {}
         for dep, indices in self._cuts(sets):
             module = dep.target.module
-            prefix = f"{self.name(module)}." if self.name(module) else ""
             for attr, dim in _shrinking_params(module, self.graph.is_out_channel_pruning_fn(dep.handler)):
-                removed.setdefault(prefix + attr, []).append((dim, indices))
+                removed.setdefault(self.param_name(module, attr), []).append((dim, indices))
         return {name: sorted(pairs) for name, pairs in sorted(removed.items())}
 
     def remove(self, sets: Iterable[ChannelSet]) -> None:

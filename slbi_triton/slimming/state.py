@@ -14,7 +14,7 @@ is in the support (‖Z_full‖ > λ): then Γ of the kept entries is exactly wh
 ‖c·Z_kept‖ > λ keeps it in the support. Filters outside the support keep Z (their norm
 only shrinks, so they stay out); l1 entries are elementwise and need nothing. Z and
 momentum are otherwise carried bit for bit, and the saved group norms of untouched
-filters too. The new optimizer is built with the default ``backend`` and ``fused``.
+filters too. The new optimizer takes the old one's ``backend``, ``fused`` and ``state_dtype``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..optimizer import SLBI
+from ..validation import resolve_penalty
 from .graph import Removed
 
 
@@ -104,15 +105,16 @@ def carry_state(opt: SLBI, model: nn.Module, removed: Removed) -> SLBI:
     names = opt.names
     params = dict(model.named_parameters())
     saved = copy.deepcopy(opt.state_dict())  # the live state dict holds views into opt's buffers
-    groups, shapes, lams = [], [], []
+    groups, shapes, lams, kinds = [], [], [], {}
     for group in opt.param_groups:
         count = len(group["params"])
         hyper = {key: value for key, value in group.items() if key not in ("params", "param_names")}
-        named = [(name, params[name]) for name in names[len(shapes) : len(shapes) + count]]
-        groups.append({**copy.deepcopy(hyper), "params": named})
+        group_names = names[len(shapes) : len(shapes) + count]
+        groups.append({**copy.deepcopy(hyper), "params": [(name, params[name]) for name in group_names]})
         shapes += [param.shape for param in group["params"]]
         lams += [float(group["lam"])] * count
-    kinds = {row.name: row.kind for row in opt.sparsity()}
+        for name, param in zip(group_names, group["params"], strict=True):
+            kinds[name] = resolve_penalty(group["penalty"], param)
     keeps = [_keep(shape, removed.get(name, [])) for name, shape in zip(names, shapes, strict=True)]
 
     state = {}

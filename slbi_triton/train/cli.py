@@ -295,14 +295,14 @@ def run(args: argparse.Namespace) -> None:
 
     metrics: list[dict[str, Any]] = []
     results = [train_run(kind, args, data, layer, metrics) for kind in kinds]
-    pictures = write_pictures(args.out, results, conv_names, layer)
+    slbi = next((r for r in results if r.kind == "slbi"), None)
+    pictures = write_pictures(args.out, results, slbi, conv_names, layer)
 
     print()
     elapsed = time.perf_counter() - started
     print(f"Results: {args.model} on {args.dataset}, {args.epochs} epochs, {elapsed:.0f} s in all")
     print(summary_table(results, conv_names, layer))
     print(f"Pictures: {', '.join(str(p) for p in pictures)} (path.png: {layer})")
-    slbi = next((r for r in results if r.kind == "slbi"), None)
     tables = [args.out / "metrics.csv"]
     if slbi is not None:
         tables.append(args.out / "prune.csv")
@@ -357,10 +357,12 @@ def print_header(args: argparse.Namespace, data: Data, kinds: list[str], device:
     )
 
 
-def write_pictures(out: Path, results: list[RunResult], conv_names: list[str], layer: str) -> list[Path]:
-    """``path.png`` and, after an SLBI run, ``prune.csv`` and ``sparsity.png``; the pictures."""
+def write_pictures(
+    out: Path, results: list[RunResult], slbi: RunResult | None, conv_names: list[str], layer: str
+) -> list[Path]:
+    """``path.png`` and, after an SLBI run (``slbi``, one of ``results``), ``prune.csv`` and
+    ``sparsity.png``; the pictures."""
     pictures = [plot_path(out / "path.png", layer, results[0].path, [r.path for r in results[1:]])]
-    slbi = next((r for r in results if r.kind == "slbi"), None)
     if slbi is None:
         return pictures
     write_csv(out / "prune.csv", slbi.prune_rows)

@@ -245,14 +245,25 @@ def slbi_readouts(
     filters outside the support and the support share of every penalised layer. Returns
     the sparsity rows."""
     slbi.update_order(epoch)
-    slbi.use_w_star()
-    row["test_acc_w_star"] = evaluate(model, data.test_x, data.test_y)
-    slbi.recover()
+    row["test_acc_w_star"] = w_star_accuracy(slbi, model, data)
     row["residue"] = slbi.residue()
     sparsity = slbi.sparsity()
     row["conv_filters_out"] = conv_filters_outside(sparsity, conv_names)
     row.update({f"support_{r.name}": r.fraction for r in sparsity})
     return sparsity
+
+
+def w_star_accuracy(slbi: SLBI, model: nn.Module, data: Data) -> float:
+    """Test accuracy of W* (``use_w_star()`` → evaluate → ``recover()``)."""
+    slbi.use_w_star()
+    accuracy = evaluate(model, data.test_x, data.test_y)
+    slbi.recover()
+    return accuracy
+
+
+def zero_filters(weight: Tensor) -> int:
+    """How many output filters (rows along dim 0) of ``weight`` are all zero."""
+    return int((weight.detach().reshape(weight.shape[0], -1) == 0).all(dim=1).sum())
 
 
 def conv_filters_outside(sparsity: Sequence[LayerSparsity], conv_names: Sequence[str]) -> float:
@@ -269,10 +280,7 @@ def pruned_accuracy(
     ``layers`` are zero then; ``recover()`` gives the weights back before returning."""
     params = dict(model.named_parameters())
     optimizer.prune_layer(percent, layers, prune_bias=prune_bias)
-    zeroed = sum(
-        int((params[name].detach().reshape(params[name].shape[0], -1) == 0).all(dim=1).sum())
-        for name in layers
-    )
+    zeroed = sum(zero_filters(params[name]) for name in layers)
     accuracy = evaluate(model, data.test_x, data.test_y)
     optimizer.recover()
     return accuracy, zeroed

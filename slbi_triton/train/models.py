@@ -92,14 +92,11 @@ class BasicBlock(nn.Module):
         identity = stride == 1 and out_channels == in_channels
         self.shortcut: nn.Module = nn.Identity() if identity else ShortcutA(in_channels, out_channels, stride)
 
-    def _shortcut(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.shortcut(inputs)
-
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Residual update ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
         residual = F.relu(self.bn1(self.conv1(inputs)))
         residual = self.bn2(self.conv2(residual))
-        return F.relu(residual + self._shortcut(inputs))
+        return F.relu(residual + self.shortcut(inputs))
 
 
 class ResNet20(nn.Module):

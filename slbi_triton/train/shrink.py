@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..optimizer import SLBI
 from ..slimming import SlimResult, slim
-from .loop import EpochLoop, evaluate
+from .loop import EpochLoop, evaluate, w_star_accuracy, zero_filters
 from .records import Data, RunResult, SlimReport
 
 __all__ = ["cpu_latency", "slim_layers", "slim_run", "train_on"]
@@ -47,16 +47,12 @@ def cpu_latency(models: Sequence[nn.Module], batch: Tensor, rounds: int = LATENC
     return [1000.0 * statistics.median(seconds) for seconds in times]
 
 
-def _zero_rows(weight: Tensor) -> int:
-    return int((weight.reshape(weight.shape[0], -1) == 0).all(dim=1).sum())
-
-
 def slim_layers(optimizer: SLBI, removed: dict[str, list[tuple[int, list[int]]]]) -> list[dict[str, Any]]:
     """Per penalised layer: filters / neurons, how many W* zeroes and how many were removed."""
     rows = []
     for row in optimizer.sparsity():
         out = dict(removed.get(row.name, [])).get(0, [])
-        zero = _zero_rows(optimizer.w_star(row.name))
+        zero = zero_filters(optimizer.w_star(row.name))
         rows.append(
             {
                 "layer": row.name,
@@ -113,9 +109,7 @@ def train_on(
         loop = EpochLoop(model, optimizer, None, torch.Generator().manual_seed(args.seed + 1), quiet)
         for epoch in range(1, args.slim_epochs + 1):
             loop.train_epoch(data, f"{label} +{epoch}/{args.slim_epochs}")
-        optimizer.use_w_star()
-        w_star = evaluate(model, data.test_x, data.test_y)
-        optimizer.recover()
+        w_star = w_star_accuracy(optimizer, model, data)
         rows.append(
             {
                 "model": label,

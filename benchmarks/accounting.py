@@ -31,11 +31,8 @@ from torch.optim import Optimizer
 
 from benchmarks.contenders import FAMILY_SGD
 from benchmarks.param_sets import PARAM_SETS, ParamShapes, penalty_of
+from benchmarks.tables import render
 
-SLBI_ARRAYS_PENALISED = 7
-"""Arrays SLBI moves per element of a penalised tensor: read W, Z, g, v; write W, Z, v."""
-SLBI_ARRAYS_UNPENALISED = 5
-"""Arrays with penalty ``"none"`` (no Z): read W, g, v; write W, v."""
 SGD_ARRAYS = 5
 """SGD with momentum: read W, g, v; write W, v."""
 
@@ -48,7 +45,6 @@ class SetStats:
     numel: int
     penalised_numel: int
     groups: int
-    largest_numel: int
     elem_size: int
 
     @property
@@ -66,7 +62,7 @@ def set_stats(shapes: ParamShapes, dtype: torch.dtype = torch.float32) -> SetSta
     penalised = sum(n for n, (_, s) in zip(numels, shapes, strict=True) if penalty_of(s) != "none")
     groups = sum(s[0] for _, s in shapes if penalty_of(s) == "group")
     elem = torch.empty((), dtype=dtype).element_size()
-    return SetStats(len(shapes), sum(numels), penalised, groups, max(numels, default=0), elem)
+    return SetStats(len(shapes), sum(numels), penalised, groups, elem)
 
 
 def state_elem_size(stats: SetStats, state_dtype: torch.dtype | None) -> int:
@@ -138,8 +134,6 @@ MODEL_KINDS = (("SLBI", "slbi", None), ("SLBI bf16 state", "slbi", torch.bfloat1
 
 def model_table(names: Sequence[str], bandwidth: float, dtype: torch.dtype = torch.float32) -> str:
     """Bytes per step and floor time of each set at ``bandwidth`` bytes/s."""
-    from benchmarks.tables import render  # the tables module imports this one
-
     header = ["set", "params"]
     header += [f"{kind} {what}" for kind, _, _ in MODEL_KINDS for what in ("MB", "floor us")]
     lines = []

@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from benchmarks.timing import timed
 from slbi_triton import SLBI
 from slbi_triton.train.models import build_model
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    """Seconds one call of ``fn`` takes, the device synchronised before and after."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -61,11 +50,12 @@ def main() -> None:
     eager = make_step()
     eager()
     eager()
-    eager_times = [timed(eager, args.device) for _ in range(args.steps)]
+    device = torch.device(args.device)
+    eager_times = [timed(eager, device)[1] for _ in range(args.steps)]
     compiled = torch.compile(make_step(), fullgraph=fullgraph)
-    first = timed(compiled, args.device)
-    second = timed(compiled, args.device)
-    compiled_times = [timed(compiled, args.device) for _ in range(args.steps)]
+    _, first = timed(compiled, device)
+    _, second = timed(compiled, device)
+    compiled_times = [timed(compiled, device)[1] for _ in range(args.steps)]
     eager_ms = 1e3 * statistics.median(eager_times)
     compiled_ms = 1e3 * statistics.median(compiled_times)
     print(f"device {args.device}, torch {torch.__version__}, LeNet batch 128, {args.steps} timed steps, "

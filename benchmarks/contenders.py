@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from slbi_triton.kernels import ops
 from torch import nn
 from torch.optim import Optimizer
 
 from benchmarks.paper_slbi import PaperSLBI
+from slbi_triton.dispatch import check_backend
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
@@ -97,8 +97,13 @@ ALL_CONTENDERS: dict[str, Contender] = {
 
 def triton_usable(device: torch.device) -> bool:
     """Whether the Triton kernel can run for ``device``'s tensors (on the CPU: only under
-    ``TRITON_INTERPRET=1``, far too slow to time; for tests)."""
-    return ops.triton_launcher() is not None and (device.type == "cuda" or ops.triton_interpreted())
+    ``TRITON_INTERPRET=1``, far too slow to time; for tests): what ``SLBI(backend="triton")``
+    checks."""
+    try:
+        check_backend("triton", device)
+    except ValueError:
+        return False
+    return True
 
 
 _FUSED_SGD: dict[str, bool] = {}

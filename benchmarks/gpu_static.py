@@ -61,12 +61,11 @@ STREAMS = {"params_ptr": "W", "grads_ptr": "g", "z_ptr": "Z", "momentum_ptr": "v
 SCALAR_PATH = "rows, scalar"
 """The path that is scalar by design (group sizes that are not a multiple of the vector)."""
 
-_TRITON_TYPES = {
+_SHORT = {
     torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
     torch.int32: "i32", torch.int64: "i64",
 }
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-          torch.int32: "i32", torch.int64: "i64"}
+"""Short dtype names: Triton's spelling in pointer signatures, also used in the labels."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ def compile_variant(variant: Variant, capability: int) -> Any:
     }
     pointers = _pointer_types(variant)
     names = list(kernel.arg_names)
-    signature = {n: "constexpr" if n in constants else "*" + _TRITON_TYPES[pointers[n]] for n in names}
+    signature = {n: "constexpr" if n in constants else "*" + _SHORT[pointers[n]] for n in names}
     # Torch allocations are 16-byte aligned: the JIT specialises the pointers on it.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
     source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constants.items()}, attrs)
@@ -314,10 +313,14 @@ class StaticRow:
 
 
 def expected_bits(variant: Variant) -> dict[str, int]:
-    """The access width each stream should reach on the vector paths: 128 bits, except Z
-    and v of a float32 bucket with bfloat16 state (64; see ``triton_step.kernel_constants``)."""
-    narrow = variant.dtype == torch.float32 and variant.state_dtype == torch.bfloat16
-    return {"W": 128, "g": 128, "Z": 64 if narrow else 128, "v": 64 if narrow else 128}
+    """The access width each stream should reach on the vector paths: ``ALIGN`` elements
+    per thread (``triton_step.kernel_constants``) of its dtype, so 128 bits, except Z and v
+    of a float32 bucket with bfloat16 state (64)."""
+    from slbi_triton.kernels import triton_step
+
+    align = int(triton_step.kernel_constants(variant.dtype)["ALIGN"])
+    params, state = 8 * align * variant.dtype.itemsize, 8 * align * variant.state_dtype.itemsize
+    return {"W": params, "g": params, "Z": state, "v": state}
 
 
 def analyse(variant: Variant, capability: int) -> StaticRow:

@@ -25,7 +25,6 @@ import copy
 import gc
 import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,7 +37,7 @@ from benchmarks.accounting import SetStats, floor_seconds, set_stats, state_byte
 from benchmarks.contenders import FAMILY_PAPER, FAMILY_SGD, Contender, NamedParams, kernels_of
 from benchmarks.param_sets import SetSpec, make_params
 from benchmarks.profiling import StepProfile, profile_steps
-from benchmarks.timing import interleaved_medians, sync
+from benchmarks.timing import interleaved_medians, timed
 
 
 @dataclass
@@ -124,27 +123,20 @@ def _reset_compiler() -> None:
         torch._dynamo.reset()
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    return result, time.perf_counter() - start
-
-
 def _start(contender: Contender, named: NamedParams, device: torch.device) -> _Started:
-    opt, build_s = _timed(lambda: contender.build(named), device)
-    _, first_s = _timed(opt.step, device)
-    _, second_s = _timed(opt.step, device)
+    opt, build_s = timed(lambda: contender.build(named), device)
+    _, first_s = timed(opt.step, device)
+    _, second_s = timed(opt.step, device)
     return _Started(contender, opt, named, build_s, first_s, second_s)
 
 
-def _profiles(started: dict[str, _Started], device: torch.device, label: str) -> dict[str, StepProfile]:
+def _profiles(steps: dict[str, Callable[[], Any]], device: torch.device,
+              label: str) -> dict[str, StepProfile]:
     try:
-        return profile_steps({name: run.opt.step for name, run in started.items()}, device)
+        return profile_steps(steps, device)
     except Exception as exc:  # a profiler failure costs the memory and dispatch figures only
         print(f"# profiling {label} failed: {type(exc).__name__}: {exc}", flush=True)
-        return {name: StepProfile(None, None) for name in started}
+        return {name: StepProfile(None, None) for name in steps}
 
 
 def _row(spec: SetSpec, stats: SetStats, run: _Started, samples: list[float], profile: StepProfile) -> Row:
@@ -201,7 +193,7 @@ def bench_set(
     del base
     steps = {name: run.opt.step for name, run in started.items()}
     samples = interleaved_medians(steps, device, rounds, warmup, min_sample_s)
-    profiles = _profiles(started, device, spec.label)
+    profiles = _profiles(steps, device, spec.label)
     rows = [_row(spec, stats, run, samples[name], profiles[name]) for name, run in started.items()]
     rows += [_error_row(spec, stats, c, errors[c.name]) for c in contenders if c.name in errors]
     del started, steps
@@ -234,8 +226,10 @@ def fill_derived(rows: list[Row], copy_bw: float | None) -> None:
             row.paper_speedup = paper.median_s / row.median_s
 
 
-def _iteration(model: nn.Module, opt: Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               record: list[torch.Tensor]) -> Callable[[], None]:
+def train_iteration(model: nn.Module, opt: Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                    record: list[torch.Tensor]) -> Callable[[], None]:
+    """One training iteration (``zero_grad``, forward, cross-entropy, backward, step) as a
+    callable; each call appends its (detached) loss to ``record``."""
     loss_fn = nn.CrossEntropyLoss()
 
     def iteration() -> None:
@@ -277,9 +271,9 @@ def bench_train(
     for contender in contenders:
         model = copy.deepcopy(base)
         losses[contender.name] = []
-        iteration = _iteration(model, contender.build(list(model.named_parameters())), images, labels,
-                               losses[contender.name])
-        _, first[contender.name] = _timed(iteration, device)
+        iteration = train_iteration(model, contender.build(list(model.named_parameters())), images, labels,
+                                    losses[contender.name])
+        _, first[contender.name] = timed(iteration, device)
         iterations[contender.name] = iteration
     samples = interleaved_medians(iterations, device, rounds, warmup, min_sample_s)
     rows = [

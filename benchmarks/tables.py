@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from benchmarks.harness import Row, TrainRow
-from benchmarks.targets import Target
+if TYPE_CHECKING:
+    from benchmarks.harness import Row, TrainRow
+    from benchmarks.targets import Target
 
 
 def fmt_bytes(n: float | None) -> str:

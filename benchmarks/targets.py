@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from benchmarks.contenders import FAMILY_SGD
-from benchmarks.harness import Row
+
+if TYPE_CHECKING:
+    from benchmarks.harness import Row
 
 RESNETS = ("resnet18", "resnet50")
 

@@ -15,12 +15,11 @@ STATS = accounting.set_stats(PARAM_SETS["resnet18"](QUICK_SCALE))
 
 def test_step_bytes_count_each_array_in_its_dtype() -> None:
     """7 arrays of a penalised element, 5 of the rest; bfloat16 Z and v count 2 bytes."""
-    stats = accounting.SetStats(tensors=2, numel=100, penalised_numel=60, groups=3, largest_numel=60,
-                                elem_size=4)
+    stats = accounting.SetStats(tensors=2, numel=100, penalised_numel=60, groups=3, elem_size=4)
     assert accounting.step_bytes(FAMILY_SLBI, stats) == 7 * 4 * 60 + 5 * 4 * 40
     assert accounting.step_bytes(FAMILY_SGD, stats) == 5 * 4 * 100
     assert accounting.step_bytes(FAMILY_SLBI, stats, torch.bfloat16) == 60 * (12 + 8) + 40 * (12 + 4)
-    wide = accounting.SetStats(2, 100, 60, 3, 60, elem_size=8)  # float64 keeps float64 state
+    wide = accounting.SetStats(2, 100, 60, 3, elem_size=8)  # float64 keeps float64 state
     assert accounting.step_bytes(FAMILY_SLBI, wide, torch.bfloat16) == 7 * 8 * 60 + 5 * 8 * 40
     assert accounting.floor_seconds(4_000, 2e3) == pytest.approx(2.0)
 

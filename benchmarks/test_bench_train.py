@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from benchmarks import contenders, harness
 
@@ -47,16 +46,9 @@ def test_train_iteration(benchmark, contender: str) -> None:
     model = build_model("lenet")
     opt = contenders.ALL_CONTENDERS[contender].build(list(model.named_parameters()))
     images, labels = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    loss_fn = nn.CrossEntropyLoss()
-
-    def iteration() -> float:
-        opt.zero_grad()
-        loss = loss_fn(model(images), labels)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
+    losses: list[torch.Tensor] = []
+    iteration = harness.train_iteration(model, opt, images, labels, losses)
     iteration()
     benchmark.group = "train lenet batch 8"
-    loss = benchmark.pedantic(iteration, rounds=3, iterations=1, warmup_rounds=1)
-    assert math.isfinite(loss)
+    benchmark.pedantic(iteration, rounds=3, iterations=1, warmup_rounds=1)
+    assert math.isfinite(float(losses[-1]))

@@ -26,13 +26,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_sample(step: Callable[[], Any], device: torch.device, inner: int) -> float:
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """``fn()``'s result and the seconds the call took, ``device`` synchronised before and after."""
     sync(device)
     start = time.perf_counter()
-    for _ in range(inner):
-        step()
+    result = fn()
     sync(device)
-    return (time.perf_counter() - start) / inner
+    return result, time.perf_counter() - start
+
+
+def _time_sample(step: Callable[[], Any], device: torch.device, inner: int) -> float:
+    def repeat() -> None:
+        for _ in range(inner):
+            step()
+
+    return timed(repeat, device)[1] / inner
 
 
 def interleaved_medians(

@@ -4,7 +4,7 @@ plain tensors for the kernel tests (no optimizer involved)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
 
@@ -34,10 +34,8 @@ class SmallNet(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
     @staticmethod
-    def inputs(
-        batch: int = 4, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
-    ) -> Tensor:
-        return torch.randn(batch, 1, 4, 4, dtype=dtype, generator=generator)
+    def inputs(batch: int = 4) -> Tensor:
+        return torch.randn(batch, 1, 4, 4)
 
 
 class OddNet(nn.Module):
@@ -61,16 +59,42 @@ class OddNet(nn.Module):
         return self.fc2(torch.tanh(self.fc1(h))) * self.scale
 
 
-def train_steps(model: nn.Module, opt: SLBI, steps: int, inputs, seed: int = 1) -> None:
-    """``steps`` steps of ``mean(model(x)²)`` on ``inputs(generator=...)`` batches."""
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+# backend, fused -> the kernel that runs a float32 CPU bucket (Triton: interpreted)
+KERNELS = {
+    "triton": ("triton", None), "c": ("torch", None), "inductor": ("torch", True), "eager": ("torch", False)
+}
+
+
+def build(kernel: str = "c", **kwargs: Any) -> tuple[OddNet, SLBI]:
+    """An ``OddNet`` (seeded with 0) and its SLBI with ``kernel`` (a key of ``KERNELS``):
+    lr 0.05, μ 2, λ 0.05 and SLBI's other defaults, but what ``kwargs`` set."""
+    torch.manual_seed(0)
+    model = OddNet()
+    backend, fused = KERNELS[kernel]
+    options = {"lr": 0.05, "mu": 2.0, "lam": 0.05, **kwargs}
+    return model, SLBI(model.named_parameters(), backend=backend, fused=fused, **options)
+
+
+def loss_of(model: OddNet, step: int) -> Tensor:
+    """``mean(model(x)²)`` on a batch of 4 ``OddNet`` inputs seeded with ``step``."""
+    x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(step))
+    return model(x).square().mean()
+
+
+def train(model: OddNet, opt: SLBI, steps: range) -> None:
+    """One step on ``loss_of(model, step)`` for each ``step``."""
+    for step in steps:
         opt.zero_grad()
-        model(inputs(generator=generator)).square().mean().backward()
+        loss_of(model, step).backward()
         opt.step()
 
 
 # -- the optimizer through its public API --------------------------------------------------
+
+
+def all_params(opt: SLBI) -> list[Tensor]:
+    """``opt``'s parameters, group after group."""
+    return [p for group in opt.param_groups for p in group["params"]]
 
 
 def penalty_of(opt: SLBI, param: Tensor) -> str:
@@ -130,9 +154,16 @@ def layout(shapes: Sequence[tuple[int, ...]], penalties: Sequence[str]) -> tuple
 
 
 class _BucketMethods:
-    def clone(self) -> Bucket:
+    def _map(self, change: Callable[[Tensor], Tensor]) -> Bucket:
         values = (getattr(self, f.name) for f in fields(self))
-        return Bucket(*(v.clone() if isinstance(v, Tensor) else v for v in values))
+        return Bucket(*(change(v) if isinstance(v, Tensor) else v for v in values))
+
+    def clone(self) -> Bucket:
+        return self._map(Tensor.clone)
+
+    def to(self, device: torch.device | str) -> Bucket:
+        """The same bucket with its tensors on ``device``."""
+        return self._map(lambda t: t.to(device))
 
     def args(self) -> abi.BucketArgs:
         """The op's arguments, in order."""
@@ -140,7 +171,7 @@ class _BucketMethods:
 
     def outputs(self) -> list[Tensor]:
         """What a step writes: W, Z, v, the group norms and the step counter."""
-        return [t for t in (self.params, self.z, self.momentum, self.group_norms, self.rng) if t is not None]
+        return [t for t in (getattr(self, name) for name in _OUTPUTS) if t is not None]
 
     def run(self, kernel: str) -> None:
         """One step with ``kernel``: ``"c"``, ``"triton"`` (interpreted on CPU buffers),
@@ -149,6 +180,18 @@ class _BucketMethods:
             functional.bucket_step_reference(self.args())
         else:
             ops.bucket_step(*self.args(), kernel == "triton")
+
+
+_OUTPUTS = ("params", "z", "momentum", "group_norms", "rng")
+
+
+def assert_same_outputs(a: Bucket, b: Bucket, skip: Sequence[str] = (), inputs: bool = False) -> None:
+    """``a`` and ``b`` hold equal outputs (``Bucket.outputs``; with ``inputs``, every tensor
+    argument of the op), but the fields named in ``skip``."""
+    for name in abi.BucketArgs._fields if inputs else _OUTPUTS:
+        x, y = getattr(a, name), getattr(b, name)
+        if name not in skip and (isinstance(x, Tensor) or isinstance(y, Tensor)):
+            assert isinstance(x, Tensor) and isinstance(y, Tensor) and torch.equal(x, y), name
 
 
 _OPTIONAL = {"inv_scale": None, "found_inf": None, "stochastic_rounding": False}
@@ -216,7 +259,7 @@ def set_z(opt: SLBI, values: dict[Tensor, Tensor]) -> None:
     """Give parameters a new Z through the public state dict (so that their group norms
     are recomputed on load, as for any edited checkpoint)."""
     state_dict = opt.state_dict()
-    params = [p for group in opt.param_groups for p in group["params"]]
+    params = all_params(opt)
     for param, z in values.items():
         entry = state_dict["state"].setdefault(next(i for i, p in enumerate(params) if p is param), {})
         entry["z"] = z.clone()

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from slbi_triton import SLBI
 
+from .helpers import all_params
+
 
 class BasicBlock(nn.Module):
     """torchvision's ``BasicBlock``."""
@@ -93,7 +95,7 @@ def set_support(opt: SLBI, outside: dict[str, list[int]], scale: float = 3.0) ->
     ‖W_g‖ for group layers, ``scale`` · sign(W) for l1 layers (in the support for
     λ < ``scale``), a tenth of that outside."""
     state = opt.state_dict()
-    params = [param for group in opt.param_groups for param in group["params"]]
+    params = all_params(opt)
     kinds = {row.name: row.kind for row in opt.sparsity()}
     for index, (name, param) in enumerate(zip(opt.names, params, strict=True)):
         weight = param.detach()
@@ -115,7 +117,7 @@ def random_outside(
 ) -> dict[str, list[int]]:
     """A random ``share`` of the filters / neurons of every penalised layer (but ``keep``)."""
     generator = torch.Generator().manual_seed(seed)
-    params = [param for group in opt.param_groups for param in group["params"]]
+    params = all_params(opt)
     kinds = {row.name: row.kind for row in opt.sparsity()}
     outside = {}
     for name, param in zip(opt.names, params, strict=True):

@@ -11,6 +11,7 @@ from torch import nn
 
 from slbi_triton import SLBI
 
+from .helpers import assert_equal_snapshots, snapshot
 from .reference import rel_err
 
 CONFIGS = [("torch", False), ("torch", None), ("triton", None)]
@@ -46,23 +47,15 @@ def batch(step: int):
     return torch.randn(6, 1, 6, 6, generator=gen), torch.randint(0, 3, (6,), generator=gen)
 
 
-def snapshot(model: nn.Module, opt: SLBI) -> dict:
-    """Everything a skipped step must leave as it was."""
-    out = {name: p.detach().clone() for name, p in model.named_parameters()}
-    for name, p in model.named_parameters():
-        for key, value in opt.state[p].items():
-            out[f"{name}/{key}"] = value.clone()
-    out["steps"] = opt.state_dict()["slbi"]["steps"]
-    return out
+def steps_of(opt: SLBI) -> int:
+    return opt.state_dict()["slbi"]["steps"]
 
 
-def assert_unchanged(before: dict, after: dict) -> None:
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, after[key]), key
-        else:
-            assert value == after[key], key
+def assert_unchanged(model: nn.Module, opt: SLBI, before: dict[str, torch.Tensor], steps: int) -> None:
+    """Everything a skipped step must leave as it was: every weight and state tensor as in
+    ``before`` (a ``snapshot``), the step count ``steps``."""
+    assert_equal_snapshots(before, snapshot(model, opt))
+    assert steps_of(opt) == steps
 
 
 def scaled_step(model, opt, scaler, step: int, inject_inf: bool = False, clip: bool = False) -> None:
@@ -119,14 +112,14 @@ def test_inf_gradient_step_changes_nothing(backend: str, fused: bool | None, whe
     for step in range(inf_at):
         plain_step(model_ref, opt_ref, step)
         scaled_step(model, opt, scaler, step)
-    before = snapshot(model, opt)
+    before, steps = snapshot(model, opt), steps_of(opt)
     items = []
     real_item = torch.Tensor.item
     monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or real_item(self))
     scaled_step(model, opt, scaler, 99, inject_inf=True)
     monkeypatch.setattr(torch.Tensor, "item", real_item)
     assert len(items) == (1 if when == "first_step" else 0)
-    assert_unchanged(before, snapshot(model, opt))
+    assert_unchanged(model, opt, before, steps)
     assert scaler.get_scale() == 2.0**9
     if when == "first_step":
         assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
@@ -147,10 +140,10 @@ def test_unscale_then_clip_then_step(inject_inf: bool) -> None:
     for step in range(3):
         plain_step(model_ref, opt_ref, step, clip=True)
         scaled_step(model, opt, scaler, step, clip=True)
-    before = snapshot(model, opt)
+    before, steps = snapshot(model, opt), steps_of(opt)
     if inject_inf:
         scaled_step(model, opt, scaler, 3, inject_inf=True, clip=True)
-        assert_unchanged(before, snapshot(model, opt))
+        assert_unchanged(model, opt, before, steps)
         assert scaler.get_scale() == 2.0**7
     else:
         plain_step(model_ref, opt_ref, 3, clip=True)
@@ -169,10 +162,10 @@ def test_nan_gradient_skipped_and_plain_step_after() -> None:
     opt.zero_grad()
     scaler.scale(F.cross_entropy(model(x), y)).backward()
     model.conv.weight.grad[0, 0, 0, 0] = float("nan")
-    before = snapshot(model, opt)
+    before, steps = snapshot(model, opt), steps_of(opt)
     scaler.step(opt)
     scaler.update()
-    assert_unchanged(before, snapshot(model, opt))
+    assert_unchanged(model, opt, before, steps)
     plain_step(model, opt, 2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not torch.equal(model.fc.weight.detach(), before["fc.weight"])
@@ -194,11 +187,11 @@ def test_compiled_step_takes_grad_scale_and_found_inf() -> None:
             if step == 2:  # an overflowed step, after momentum has started
                 model.fc.weight.grad[0, 0] = float("inf")
             opt.grad_scale, opt.found_inf = scale, torch.tensor(float(step == 2))
-            before = snapshot(model, opt)
+            before, steps = snapshot(model, opt), steps_of(opt)
             run()
             del opt.grad_scale, opt.found_inf
             if step == 2:
-                assert_unchanged(before, snapshot(model, opt))
+                assert_unchanged(model, opt, before, steps)
     for a, b in zip(model_c.parameters(), model_e.parameters(), strict=True):
         assert rel_err(a, b) <= 1e-6
     torch._dynamo.reset()
@@ -229,9 +222,9 @@ def test_cuda_autocast_grad_scaler_skips_on_the_device() -> None:
 
     for index in range(3):
         step(index)
-    before = snapshot(model, opt)
+    before, steps = snapshot(model, opt), steps_of(opt)
     step(3, inject_inf=True)
-    assert_unchanged(before, snapshot(model, opt))
+    assert_unchanged(model, opt, before, steps)
     assert scaler.get_scale() == 2.0**9
     step(4)
     assert not torch.equal(model.fc.weight.detach(), before["fc.weight"])

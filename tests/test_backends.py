@@ -11,16 +11,12 @@ from torch import nn
 
 from slbi_triton import SLBI
 
-from .helpers import HPARAMS, penalty_of
+from .helpers import HPARAMS, KERNELS, penalty_of
 from .reference import RefParam, rel_err
 
 # Odd sizes: a 1-element tensor, ragged l1 tails, tiny and long groups (a row longer than
 # one tile of columns), a 3-D group tensor and a 1×1 conv.
 SHAPES = [(1,), (7,), (13, 17), (3, 1000), (7, 3, 5, 5), (5, 4, 2), (3, 300), (9, 600, 1, 1), (33,)]
-# backend, fused -> the kernel that runs a float32 CPU bucket
-CONFIGS = {
-    "triton": ("triton", None), "c": ("torch", None), "inductor": ("torch", True), "eager": ("torch", False)
-}
 
 
 def make_case(dtype: torch.dtype, seed: int):
@@ -39,7 +35,7 @@ def make_case(dtype: torch.dtype, seed: int):
 def run(kernel: str, dtype: torch.dtype, seed: int = 0, monkeypatch=None):
     """Six steps from a given Z (loaded through the state dict, norms recomputed)."""
     params, z_init, grads = make_case(dtype, seed)
-    backend, fused = CONFIGS[kernel]
+    backend, fused = KERNELS[kernel]
     if kernel == "inductor" and monkeypatch is not None:
         monkeypatch.setattr(cpu_step, "available", lambda *args: False)
     opt = SLBI(params, backend=backend, fused=fused, **HPARAMS)
@@ -61,7 +57,7 @@ def run(kernel: str, dtype: torch.dtype, seed: int = 0, monkeypatch=None):
     return params, opt, refs
 
 
-@pytest.mark.parametrize("kernel", list(CONFIGS))
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_random_inputs_match_float64(kernel: str, monkeypatch) -> None:
     params, opt, refs = run(kernel, torch.float32, monkeypatch=monkeypatch)
     if kernel != "c" or cpu_step.available(torch.float32):
@@ -78,7 +74,7 @@ def test_random_inputs_match_float64(kernel: str, monkeypatch) -> None:
         assert torch.isfinite(p).all()
 
 
-@pytest.mark.parametrize("kernel", list(CONFIGS))
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_float64_parameters_update_in_float64(kernel: str, monkeypatch) -> None:
     """float64 models keep float64 arithmetic everywhere, group norms included."""
     params, opt, refs = run(kernel, torch.float64, monkeypatch=monkeypatch)
@@ -134,7 +130,7 @@ def test_one_kernel_call_per_step_whatever_the_tensor_count(kernel: str, num_ten
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, 2, 3, 3), (5, 7), (4,), (1,)]
     params = [nn.Parameter(torch.randn(shapes[i % 4], generator=gen)) for i in range(num_tensors)]
-    opt = SLBI(params, backend=CONFIGS[kernel][0])
+    opt = SLBI(params, backend=KERNELS[kernel][0])
     assert kernel_calls(opt, params, 2, gen) == 2  # one call per step for the single bucket
 
 

@@ -14,13 +14,13 @@ from slbi_triton import SLBI
 from slbi_triton.toolbox import UnknownLayerError
 from slbi_triton.validation import check_hyperparameters
 
-from .helpers import SmallNet as Net
+from .helpers import SmallNet
 
 
-def trained(order: bool = True) -> tuple[Net, SLBI]:
+def trained(order: bool = True) -> tuple[SmallNet, SLBI]:
     """After two steps (momentum, Z and group norms non-zero), with a fresh gradient."""
     torch.manual_seed(0)
-    model = Net()
+    model = SmallNet()
     opt = SLBI(model.named_parameters(), lr=0.1, mu=3.0, lam=0.05, backend="torch", fused=False)
     for step in range(3):
         opt.zero_grad()
@@ -95,7 +95,7 @@ def untouched(params: list[nn.Parameter], values: list[torch.Tensor], pointers: 
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), BAD_HYPERPARAMETERS)
 def test_bad_hyperparameters_refused_at_construction(kwargs, error, message) -> None:
-    model = Net()
+    model = SmallNet()
     params = list(model.parameters())
     values, pointers = [p.detach().clone() for p in params], [p.data_ptr() for p in params]
     with pytest.raises(error, match=message):
@@ -105,7 +105,7 @@ def test_bad_hyperparameters_refused_at_construction(kwargs, error, message) -> 
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), BAD_HYPERPARAMETERS[:-2])
 def test_bad_hyperparameters_in_a_later_group(kwargs, error, message) -> None:
-    model = Net()
+    model = SmallNet()
     params = list(model.parameters())
     values, pointers = [p.detach().clone() for p in params], [p.data_ptr() for p in params]
     message = message.replace(r"\(defaults\)", r"\(param group 1\)")
@@ -115,7 +115,7 @@ def test_bad_hyperparameters_in_a_later_group(kwargs, error, message) -> None:
 
 
 def test_bad_parameters_refused_at_construction() -> None:
-    model = Net()
+    model = SmallNet()
     params = list(model.parameters())
     values, pointers = [p.detach().clone() for p in params], [p.data_ptr() for p in params]
     cases = [

@@ -4,22 +4,21 @@ other feature (GradScaler, checkpoints in both directions, torch.compile, the to
 
 The C and Triton kernels draw the same random bits as the torch reference and equal it
 bit for bit (tests/test_c_kernel.py, tests/test_triton_kernel.py), so the statistics are
-checked once, on the reference."""
+checked once, on the reference. A checkpoint resumes bit for bit with bfloat16 state as
+with float32 state: tests/test_torch_optim_behaviour.py's round trip."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from slbi_triton.kernels import cpu_step
 from torch import nn
 
 from slbi_triton import SLBI, functional
 
-from .helpers import OddNet, assert_equal_snapshots, snapshot
+from .helpers import KERNELS, assert_equal_snapshots, assert_norms_fresh, build, loss_of, snapshot, train
 
-KERNELS = {"c": ("torch", None), "triton": ("triton", None), "inductor": ("torch", True)}
+# OddNet's optimizer (tests/helpers.py's ``build``) with bfloat16 state
+BF16 = {"state_dtype": torch.bfloat16, "seed": 11}
 
 
 def bits(step: int, count: int, seed: int = 7) -> torch.Tensor:
@@ -78,7 +77,7 @@ def sparse_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return design, design @ truth, truth != 0
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("kernel", ["c", "triton", "inductor"])
 def test_sparse_recovery_finds_the_float32_support(kernel: str) -> None:
     """Sparse least squares: SLBI's path selects the true support, with bfloat16 state as
     with float32 state."""
@@ -101,25 +100,8 @@ def test_sparse_recovery_finds_the_float32_support(kernel: str) -> None:
     assert all(torch.equal(mask, support) for mask in found)
 
 
-def build(kernel: str = "c", state_dtype: torch.dtype | None = torch.bfloat16) -> tuple[OddNet, SLBI]:
-    torch.manual_seed(0)
-    model = OddNet()
-    backend, fused = KERNELS[kernel]
-    opt = SLBI(model.named_parameters(), lr=0.05, mu=2.0, lam=0.05, backend=backend, fused=fused,
-               state_dtype=state_dtype, seed=11)
-    return model, opt
-
-
-def train(model: OddNet, opt: SLBI, steps: range) -> None:
-    for step in steps:
-        opt.zero_grad()
-        x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(step))
-        model(x).square().mean().backward()
-        opt.step()
-
-
 def test_state_bytes_halve() -> None:
-    model, opt = build()
+    model, opt = build(**BF16)
     train(model, opt, range(1))
     for p in model.parameters():
         for key in ("z", "momentum_buffer"):
@@ -129,31 +111,11 @@ def test_state_bytes_halve() -> None:
             assert opt.state[p]["group_norms"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("kernel", list(KERNELS))
-def test_checkpoint_resumes_bit_for_bit(kernel: str) -> None:
-    """The seed and step count are saved: a resumed run draws the same random bits."""
-    if kernel == "c" and not cpu_step.available(torch.float32, torch.bfloat16):
-        pytest.skip("no C compiler")
-    model, opt = build(kernel)
-    train(model, opt, range(3))
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    train(model, opt, range(3, 6))
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    assert saved["opt"]["state"][2]["z"].dtype == torch.bfloat16  # conv.weight: saved as stored
-    fresh_model, fresh = build(kernel)
-    fresh_model.load_state_dict(saved["model"])
-    fresh.load_state_dict(saved["opt"])
-    train(fresh_model, fresh, range(3, 6))
-    assert_equal_snapshots(snapshot(fresh_model, fresh), snapshot(model, opt))
-
-
 def test_checkpoint_moves_between_float32_and_bfloat16_state() -> None:
-    model, opt = build(state_dtype=torch.bfloat16)
+    model, opt = build(**BF16)
     train(model, opt, range(3))
     saved = opt.state_dict()
-    float_model, float_opt = build(state_dtype=None)
+    float_model, float_opt = build(**BF16 | {"state_dtype": None})
     float_model.load_state_dict(model.state_dict())
     float_opt.load_state_dict(saved)
     for p, q in zip(model.parameters(), float_model.parameters(), strict=True):
@@ -162,19 +124,18 @@ def test_checkpoint_moves_between_float32_and_bfloat16_state() -> None:
             assert loaded.dtype == (q.dtype if key in ("z", "momentum_buffer") else value.dtype)
             assert torch.equal(loaded.to(value.dtype), value), key  # bfloat16 is exact in float32
     train(float_model, float_opt, range(3, 4))
-    back_model, back = build(state_dtype=torch.bfloat16)
+    back_model, back = build(**BF16)
     back_model.load_state_dict(float_model.state_dict())
     back.load_state_dict(float_opt.state_dict())  # rounded to nearest on the way in
-    weight = back_model.conv.weight
-    assert back.state[weight]["z"].dtype == torch.bfloat16
-    expected_norms = functional.group_norms_of(back.state[weight]["z"])
-    assert torch.allclose(back.state[weight]["group_norms"], expected_norms, rtol=1e-6)
+    state = back.state[back_model.conv.weight]
+    assert state["z"].dtype == torch.bfloat16 and "group_norms" in state
+    assert_norms_fresh(back)  # conv.weight's among them
     train(back_model, back, range(4, 6))
     assert all(torch.isfinite(p).all() for p in back_model.parameters())
 
 
 def test_gradscaler_skip_changes_nothing() -> None:
-    model, opt = build()
+    model, opt = build(**BF16)
     train(model, opt, range(2))
     before = snapshot(model, opt)
     steps = opt.state_dict()["slbi"]["steps"]
@@ -189,7 +150,7 @@ def test_gradscaler_skip_changes_nothing() -> None:
 
 
 def test_toolbox_reads_bfloat16_state() -> None:
-    model, opt = build()
+    model, opt = build(**BF16)
     train(model, opt, range(4))
     opt.update_order(0)
     before = snapshot(model, opt)
@@ -211,14 +172,13 @@ def test_toolbox_reads_bfloat16_state() -> None:
 def test_compiled_step_compiles_twice() -> None:
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    model, opt = build()
+    model, opt = build(**BF16)
     counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(opt.step, backend=counter, fullgraph=True)
     torch._dynamo.reset()
     for index in range(6):
         opt.zero_grad()
-        x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(index))
-        model(x).square().mean().backward()
+        loss_of(model, index).backward()
         step()
     torch._dynamo.reset()
     assert counter.frame_count == 2

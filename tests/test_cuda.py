@@ -126,7 +126,7 @@ def test_compiled_kernel_matches_torch_reference_on_plain_tensors(dtype: torch.d
     penalties = ["group", "group", "l1", "l1", "none"]
     bucket = random_bucket(shapes, penalties, dtype)
     expected = bucket.clone()
-    on_gpu = _on_cuda(bucket)
+    on_gpu = bucket.to("cuda")
     for _ in range(3):
         on_gpu.run("cuda")
         expected.run("reference")
@@ -142,7 +142,7 @@ def test_bfloat16_state_on_cuda_matches_torch_reference() -> None:
     shapes, penalties = [(64, 576), (13, 17), (3, 1000)], ["group", "l1", "l1"]
     bucket = random_bucket(shapes, penalties, torch.float32, torch.bfloat16)
     expected = bucket.clone()
-    on_gpu = _on_cuda(bucket)
+    on_gpu = bucket.to("cuda")
     on_gpu.run("cuda")
     expected.run("reference")
     for got, want in ((on_gpu.z, expected.z), (on_gpu.momentum, expected.momentum)):
@@ -150,9 +150,3 @@ def test_bfloat16_state_on_cuda_matches_torch_reference() -> None:
         assert (got != want).float().mean() <= 1e-3
         ulp = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
         assert int(ulp.max()) <= 1
-
-
-def _on_cuda(bucket):
-    """The same bucket with its tensors on the GPU."""
-    fields = {key: v.cuda() if isinstance(v, torch.Tensor) else v for key, v in vars(bucket).items()}
-    return type(bucket)(**fields)

@@ -17,33 +17,20 @@ from torch import nn
 
 from slbi_triton import SLBI
 
-from .helpers import OddNet, SmallNet, assert_equal_snapshots, flat_storages, snapshot
-
-# backend, fused for each kernel of a float32 CPU bucket (Triton: interpreted)
-KERNELS = {"c": ("torch", None), "eager": ("torch", False), "triton": ("triton", None)}
-
-
-def build(kernel: str = "c", **kwargs) -> tuple[OddNet, SLBI]:
-    torch.manual_seed(0)
-    model = OddNet()
-    backend, fused = KERNELS[kernel]
-    opt = SLBI(model.named_parameters(), lr=0.05, mu=2.0, lam=0.05, backend=backend, fused=fused, **kwargs)
-    return model, opt
-
-
-def loss_of(model: OddNet, step: int) -> torch.Tensor:
-    x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(step))
-    return model(x).square().mean()
+from .helpers import (
+    OddNet,
+    SmallNet,
+    all_params,
+    assert_equal_snapshots,
+    build,
+    flat_storages,
+    loss_of,
+    snapshot,
+    train,
+)
 
 
-def train(model: OddNet, opt: SLBI, steps: range) -> None:
-    for step in steps:
-        opt.zero_grad()
-        loss_of(model, step).backward()
-        opt.step()
-
-
-@pytest.fixture(params=list(KERNELS))
+@pytest.fixture(params=["c", "eager", "triton"])  # keys of tests/helpers.py's KERNELS
 def kernel(request) -> str:
     if request.param == "c" and not cpu_step.available(torch.float32):
         pytest.skip("no C compiler")
@@ -53,8 +40,15 @@ def kernel(request) -> str:
 # -- state dict --------------------------------------------------------------------------
 
 
-def test_state_dict_round_trip_continues_identically(kernel: str) -> None:
-    model, opt = build(kernel)
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["state-fp32", "state-bf16"])
+@pytest.mark.parametrize("kernel", ["c", "eager", "triton", "inductor"])  # not the fixture: Inductor too
+def test_state_dict_round_trip_continues_identically(kernel: str, state_dtype: torch.dtype | None) -> None:
+    """With bfloat16 state the seed and step count are saved too: a resumed run draws the
+    same random bits."""
+    if kernel == "c" and not cpu_step.available(torch.float32, state_dtype):
+        pytest.skip("no C compiler")
+    options = {} if state_dtype is None else {"state_dtype": state_dtype, "seed": 11}
+    model, opt = build(kernel, **options)
     train(model, opt, range(3))
     opt.update_order(0)
     buffer = io.BytesIO()
@@ -62,7 +56,8 @@ def test_state_dict_round_trip_continues_identically(kernel: str) -> None:
     train(model, opt, range(3, 6))
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    fresh_model, fresh_opt = build(kernel)
+    assert saved["opt"]["state"][2]["z"].dtype == (state_dtype or torch.float32)  # conv.weight: as stored
+    fresh_model, fresh_opt = build(kernel, **options)
     fresh_model.load_state_dict(saved["model"])
     fresh_opt.load_state_dict(saved["opt"])
     train(fresh_model, fresh_opt, range(3, 6))
@@ -225,7 +220,7 @@ def _step_both(model: nn.Module, opt: SLBI, twin: SLBI, step: int) -> None:
     """One step of ``opt`` on ``model``'s loss, and of ``twin`` on the same gradients."""
     opt.zero_grad()
     loss_of(model, step).backward()
-    for ours, theirs in zip(_params(opt), _params(twin), strict=True):
+    for ours, theirs in zip(all_params(opt), all_params(twin), strict=True):
         theirs.grad = None if ours.grad is None else ours.grad.clone()
     opt.step()
     twin.step()
@@ -239,14 +234,14 @@ def test_copies_are_independent_and_step_identically(kernel: str, how: str) -> N
     model, opt = _prepared(kernel)
     if how == "deepcopy-trainer":  # model and optimizer together: the copy trains the copy
         model_copy, opt_copy = copy.deepcopy((model, opt))
-        assert _params(opt_copy) == list(model_copy.parameters())
+        assert all_params(opt_copy) == list(model_copy.parameters())
     elif how == "deepcopy-optimizer":  # alone: its parameters are copies, as in torch
         opt_copy = copy.deepcopy(opt)
     else:
         opt_copy = pickle.loads(pickle.dumps(opt))
-    assert not flat_storages(_params(opt_copy)) & flat_storages(_params(opt))
-    assert not flat_storages([v for p in _params(opt_copy) for v in opt_copy.state[p].values()]) & \
-        flat_storages([v for p in _params(opt) for v in opt.state[p].values()])
+    assert not flat_storages(all_params(opt_copy)) & flat_storages(all_params(opt))
+    assert not flat_storages([v for p in all_params(opt_copy) for v in opt_copy.state[p].values()]) & \
+        flat_storages([v for p in all_params(opt) for v in opt.state[p].values()])
     assert (opt_copy.backend, opt_copy.fused, opt_copy.kernels()[0].kernel) == (
         opt.backend, opt.fused, opt.kernels()[0].kernel)
     assert opt_copy.names == opt.names
@@ -257,7 +252,7 @@ def test_copies_are_independent_and_step_identically(kernel: str, how: str) -> N
     assert repr(opt_copy.state_dict()["slbi"]) == repr(opt.state_dict()["slbi"])
     for step in range(3, 5):
         _step_both(model, opt, opt_copy, step)
-    for ours, theirs in zip(_params(opt), _params(opt_copy), strict=True):
+    for ours, theirs in zip(all_params(opt), all_params(opt_copy), strict=True):
         assert torch.equal(ours, theirs)
         assert opt.state[ours].keys() == opt_copy.state[theirs].keys()
         for key, value in opt.state[ours].items():
@@ -266,10 +261,6 @@ def test_copies_are_independent_and_step_identically(kernel: str, how: str) -> N
     with pytest.raises(ValueError, match="nothing to recover"):
         opt_copy.recover()
     opt.recover()
-
-
-def _params(opt: SLBI) -> list[torch.Tensor]:
-    return [p for group in opt.param_groups for p in group["params"]]
 
 
 def test_repr_lists_the_groups_and_options() -> None:

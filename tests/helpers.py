@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from slbi_triton.kernels import abi, ops
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 from slbi_triton import SLBI, functional
 from slbi_triton.validation import resolve_penalty
@@ -87,6 +88,15 @@ def train(model: OddNet, opt: SLBI, steps: range) -> None:
         opt.zero_grad()
         loss_of(model, step).backward()
         opt.step()
+
+
+def synthetic_digits(count: int, seed: int) -> TensorDataset:
+    """A learnable stand-in for MNIST (28×28, 10 classes): a fixed random template per
+    class plus noise seeded with ``seed``."""
+    templates = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(1234))
+    labels = torch.arange(count) % 10
+    noise = 0.3 * torch.rand(count, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    return TensorDataset((0.7 * templates[labels] + noise).clamp(0, 1), labels)
 
 
 # -- the optimizer through its public API --------------------------------------------------

@@ -17,6 +17,8 @@ from slbi_triton import SLBI, train
 from slbi_triton.train.cli import load_slim
 from slbi_triton.train.loop import evaluate
 
+from .helpers import synthetic_digits
+
 pytest.importorskip("torch_pruning")
 
 # λ 0.005: after these ten steps a few filters and neurons are outside the support.
@@ -24,23 +26,16 @@ TINY = ["--epochs", "1", "--batch-size", "32", "--threads", "1", "--device", "cp
 TINY += ["--record-interval", "0", "--lam", "0.005"]
 
 
-def _synthetic(count: int, seed: int) -> TensorDataset:
-    """A fixed random template per class plus noise."""
-    templates = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(1234))
-    labels = torch.arange(count) % 10
-    noise = 0.3 * torch.rand(count, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-    return TensorDataset((0.7 * templates[labels] + noise).clamp(0, 1), labels)
+pytestmark = pytest.mark.usefixtures("torch_globals_restored")
 
 
 @pytest.fixture
 def synthetic_test_set(monkeypatch: pytest.MonkeyPatch) -> TensorDataset:
     """Serve 320 train / 200 test synthetic images to the CLI; the test set."""
-    test_set = _synthetic(200, seed=1)
-    monkeypatch.setattr(train.cli, "load_dataset", lambda name, data_dir=None: (_synthetic(320, 0), test_set))
-    threads = torch.get_num_threads()
-    yield test_set
-    torch.set_num_threads(threads)  # main() sets the thread count and denormal flushing
-    torch.set_flush_denormal(False)
+    test_set = synthetic_digits(200, seed=1)
+    train_set = synthetic_digits(320, seed=0)
+    monkeypatch.setattr(train.cli, "load_dataset", lambda name, data_dir=None: (train_set, test_set))
+    return test_set
 
 
 def _row(printed: str, label: str) -> list[str]:

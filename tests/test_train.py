@@ -28,28 +28,15 @@ from slbi_triton.train import loop
 from slbi_triton.train.data import MNIST_WHEEL_NAME, default_data_dir, encode_idx
 from slbi_triton.train.models import build_model
 
+from .helpers import synthetic_digits
+
 REPO = Path(__file__).resolve().parent.parent
 MNIST_WHEEL = default_data_dir() / MNIST_WHEEL_NAME
 LENET_CONV = ["conv1.weight", "conv2.weight", "conv3.weight"]
 TINY = ["--epochs", "1", "--batch-size", "32", "--threads", "1", "--device", "cpu", "--record-interval", "3"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    """``main()`` sets the thread count and denormal flushing for the whole process."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
-
-
-def _synthetic(count: int, seed: int) -> TensorDataset:
-    """Learnable stand-in for MNIST: a fixed random template per class plus noise."""
-    templates = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(1234))
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(count) % 10
-    noise = 0.3 * torch.rand(count, 1, 28, 28, generator=generator)
-    return TensorDataset((0.7 * templates[labels] + noise).clamp(0, 1), labels)
+pytestmark = pytest.mark.usefixtures("torch_globals_restored")
 
 
 @pytest.fixture
@@ -59,7 +46,7 @@ def synthetic_data(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     def fake_load_dataset(name: str, data_dir: Path | None = None) -> tuple[TensorDataset, TensorDataset]:
         asked.append(name)
-        return _synthetic(320, seed=0), _synthetic(200, seed=1)
+        return synthetic_digits(320, seed=0), synthetic_digits(200, seed=1)
 
     monkeypatch.setattr(train.cli, "load_dataset", fake_load_dataset)
     return asked

@@ -39,6 +39,11 @@ STATE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16), torch.float64: (
 """Per bucket dtype, the dtypes its Z and momentum may be stored in (bfloat16: with
 stochastic rounding)."""
 
+PREFETCH_MIN_NUMEL = 1 << 20
+"""Buckets of at least this many elements are walked in tiles with software prefetch (see
+``slbi_step_cpu.c``): on this size they no longer fit the caches. Results are the same
+bits either way."""
+
 _OPTIMISE = ["-O3", "-march=native", "-ffp-contract=off", "-std=c11", "-fPIC", "-shared"]
 # For bfloat16 state, 512-bit vectors where the CPU has them (GCC prefers 256 by default):
 # its 16-bit packs and hash run at about twice the speed. float32 state gains nothing from
@@ -56,6 +61,7 @@ def _defines(scalar: str, state_bf16: bool) -> list[str]:
     ]
     flags = [f"-D{name}={getattr(abi, name)}" for name in sorted(names)]
     flags += [f"-DPENALTY_{penalty.upper()}={code}" for penalty, code in abi.PENALTY_CODES.items()]
+    flags.append(f"-DPREFETCH_MIN_NUMEL={PREFETCH_MIN_NUMEL}")
     return [*flags, f"-DSLBI_SCALAR={scalar}", f"-DSLBI_STATE_BF16={int(state_bf16)}"]
 
 

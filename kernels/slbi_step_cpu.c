@@ -19,12 +19,23 @@
  * once and W, Z, v written once. Each chunk owns whole rows: the result does not depend
  * on the number of threads.
  *
+ * Buckets of at least PREFETCH_MIN_NUMEL elements are far larger than the caches: each
+ * span is walked in tiles of TILE elements (512 bytes of W), and before a tile the lines
+ * of W, g, Z, v PREFETCH_AHEAD elements (4 KiB of W) further on are prefetched. On one
+ * core the hardware prefetcher alone leaves this long loop body waiting on memory: the
+ * prefetch takes the ResNet-18/50 step from 1.02-1.05 x fused SGD's to 0.94-0.96 x with
+ * bfloat16 state, from 1.20-1.22 x to 1.09-1.10 x with float32 state (1 thread, huge
+ * pages). Small bursts matter: tiles of 4 times the size were slower than none. Smaller
+ * buckets, which the caches hold, take each span in one loop. Neither changes W, Z or v;
+ * the tiles change the order of a group norm's sum.
+ *
  * Build parameters:
  *   SLBI_SCALAR      the bucket's dtype (float or double); the arithmetic runs in it and
  *                    the group norms are stored in it.
  *   SLBI_STATE_BF16  1: Z and v are stored as bfloat16 (uint16_t bits) and written back
  *                    with stochastic rounding ("Stochastic rounding" in docs/design.md),
  *                    the random bits a hash of (seed, step, element index).
+ *   PREFETCH_MIN_NUMEL  the bucket size from which spans are tiled and prefetched.
  */
 #include <stdint.h>
 #include <string.h>
@@ -43,7 +54,14 @@ enum { V_NONE = 0, V_FIRST = 1, V_HISTORY = 2 }; /* no buffer; v = u; v = rho*v 
 typedef struct {
     scalar_t lr_kappa, lr_over_mu, kappa, inv_mu, lam, rho, one_minus_d, wd, scale;
     uint32_t seed, step_mix; /* step_mix = step * 0xC2B2AE3D */
+    int prefetch;            /* numel >= PREFETCH_MIN_NUMEL: tiles and software prefetch */
 } coefficients;
+
+enum {
+    TILE = 512 / (int)sizeof(scalar_t),            /* elements per prefetched tile: 8 lines of W */
+    PREFETCH_AHEAD = 4096 / (int)sizeof(scalar_t), /* how far ahead, in elements: 4 KiB of W */
+    MAX_BLOCK = 1 << 30,                           /* an int32 loop's length, without prefetch */
+};
 
 /* The counter-based hash of docs/design.md: 32 random bits per (seed, step, index), split
  * as its loops use it: `key` = seed ^ hi32(index) * 0x85EBCA77 is the same for a whole
@@ -110,20 +128,20 @@ static inline void store_v(state_t *p, int64_t i, scalar_t value, uint32_t h)
 #define HASH(c, key, lo, i) 0u
 #endif
 
-/* One contiguous span of n elements, starting at flat index `first`, with one penalty and
- * one momentum mode; for the group penalty `shrink` is the row's max(0, 1 - lam/|Z_g|)
- * and the return value is sum(Z_{t+1}^2) of the stored values. Inlined with constant
- * penalty and v_mode, so each case is its own vectorised loop. */
-static inline __attribute__((always_inline)) scalar_t update_span(
+/* n < 2**31 contiguous elements whose flat indices have high word `key` (span_key) and
+ * low words lo, lo + 1, ...: one penalty and one momentum mode; for the group penalty
+ * `shrink` is the row's max(0, 1 - lam/|Z_g|) and the return value is sum(Z_{t+1}^2) of
+ * the stored values. Inlined with constant penalty and v_mode, so each case is its own
+ * vectorised loop; the 32-bit counter keeps the hash's index arithmetic 32-bit. */
+static inline __attribute__((always_inline)) scalar_t update_block(
     scalar_t *restrict w, const scalar_t *restrict g, state_t *restrict z, state_t *restrict v,
-    int64_t first, int64_t n, const int penalty, const int v_mode, const coefficients c,
+    uint32_t key, uint32_t lo, int32_t n, const int penalty, const int v_mode, const coefficients c,
     scalar_t shrink)
 {
     scalar_t sq_sum = 0;
-    const uint32_t key = span_key(c.seed, first), lo = (uint32_t)first;
     (void)key, (void)lo;
 #pragma omp simd reduction(+ : sq_sum)
-    for (int64_t i = 0; i < n; ++i) {
+    for (int32_t i = 0; i < n; ++i) {
         const uint32_t h = HASH(c, key, lo, i);
         (void)h;
         scalar_t w_t = w[i];
@@ -147,6 +165,46 @@ static inline __attribute__((always_inline)) scalar_t update_span(
         w[i] = w_t - c.lr_kappa * (velocity + residual * c.inv_mu);
         const scalar_t z_stored = store_z(z, i, z_t + c.lr_over_mu * residual, h);
         sq_sum += z_stored * z_stored;
+    }
+    return sq_sum;
+}
+
+/* Prefetch the cache lines of `bytes` bytes from `offset` bytes past `base`. The address is
+ * computed as an integer: it may lie past the buffer's end, where a prefetch is a no-op. */
+static inline void prefetch_lines(const void *base, int64_t offset, int64_t bytes, const int for_write)
+{
+    const uintptr_t start = (uintptr_t)base + (uintptr_t)offset;
+    for (int64_t at = 0; at < bytes; at += 64) {
+        if (for_write)
+            __builtin_prefetch((const void *)(start + (uintptr_t)at), 1);
+        else
+            __builtin_prefetch((const void *)(start + (uintptr_t)at), 0);
+    }
+}
+
+/* update_block over a span of n elements from flat index `first` (the high word of the
+ * index the same throughout, see update_range): in tiles, each after a prefetch of the
+ * lines PREFETCH_AHEAD elements on, when c.prefetch; else in blocks of MAX_BLOCK. */
+static inline __attribute__((always_inline)) scalar_t update_span(
+    scalar_t *w, const scalar_t *g, state_t *z, state_t *v, int64_t first, int64_t n, const int penalty,
+    const int v_mode, const coefficients c, scalar_t shrink)
+{
+    const uint32_t key = span_key(c.seed, first);
+    const int64_t step = c.prefetch ? TILE : MAX_BLOCK;
+    scalar_t sq_sum = 0;
+    for (int64_t at = 0; at < n; at += step) {
+        const int32_t len = (int32_t)(n - at < step ? n - at : step);
+        if (c.prefetch) {
+            const int64_t ahead = at + PREFETCH_AHEAD;
+            prefetch_lines(w, ahead * (int64_t)sizeof *w, len * (int64_t)sizeof *w, 1);
+            prefetch_lines(g, ahead * (int64_t)sizeof *g, len * (int64_t)sizeof *g, 0);
+            if (penalty != PENALTY_NONE)
+                prefetch_lines(z, ahead * (int64_t)sizeof *z, len * (int64_t)sizeof *z, 1);
+            if (v_mode == V_HISTORY)
+                prefetch_lines(v, ahead * (int64_t)sizeof *v, len * (int64_t)sizeof *v, 1);
+        }
+        sq_sum += update_block(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, key,
+                               (uint32_t)(first + at), len, penalty, v_mode, c, shrink);
     }
     return sq_sum;
 }
@@ -265,6 +323,7 @@ int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v,
             .scale = scale,
             .seed = seed,
             .step_mix = step_mix,
+            .prefetch = numel >= PREFETCH_MIN_NUMEL,
         };
         const int v_mode = hp[HP_USE_MOMENTUM] == 0.0 || v == 0 ? V_NONE
                            : (flags & FLAG_MOMENTUM_READY) ? V_HISTORY

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import functional
+from . import functional, hugepages
 from .kernels import abi
 
 
@@ -128,10 +128,13 @@ class FlatBucket:
             offset = _align(offset + slot.numel)
             norm_offset += slot.num_groups
         self.numel = offset
-        self.params = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
-        self.grads = torch.zeros_like(self.params)
-        self.z = torch.zeros(self.numel, device=self.device, dtype=self.state_dtype)
-        self.momentum: Tensor | None = torch.zeros_like(self.z) if momentum else None
+        # Every step streams these four: huge pages on the CPU (hugepages.py).
+        self.params = hugepages.zeros(self.numel, self.dtype, self.device)
+        self.grads = hugepages.zeros(self.numel, self.dtype, self.device)
+        self.z = hugepages.zeros(self.numel, self.state_dtype, self.device)
+        self.momentum: Tensor | None = (
+            hugepages.zeros(self.numel, self.state_dtype, self.device) if momentum else None
+        )
         self.group_norms = torch.zeros(norm_offset, device=self.device, dtype=abi.norm_dtype(self.dtype))
         self.rng = torch.tensor(rng, dtype=torch.int64, device=self.device)
         for slot in self.slots:
@@ -155,7 +158,7 @@ class FlatBucket:
     def ensure_momentum(self) -> None:
         """Allocate the momentum buffer (a group switched from ρ = 0 to ρ > 0)."""
         if self.momentum is None:
-            self.momentum = torch.zeros_like(self.z)
+            self.momentum = hugepages.zeros(self.numel, self.state_dtype, self.device)
             for slot in self.slots:
                 slot.momentum_view = self.view_of(self.momentum, slot)
 

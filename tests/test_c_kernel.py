@@ -12,7 +12,7 @@ from torch import nn
 
 from slbi_triton import SLBI
 
-from .helpers import HPARAMS, assert_same_outputs, random_bucket
+from .helpers import HPARAMS, Bucket, assert_same_outputs, random_bucket
 from .reference import RefParam, rel_err
 
 pytestmark = pytest.mark.skipif(
@@ -38,14 +38,41 @@ def test_matches_torch_reference(dtype: torch.dtype, state_dtype: torch.dtype, r
     expected = bucket.clone()
     for _ in range(3):
         bucket.run("c")
-        expected.run("reference")
-        for got, want in ((bucket.params, expected.params), (bucket.z, expected.z),
-                          (bucket.momentum, expected.momentum)):
-            assert torch.equal(got, want)
-        norms = bucket.group_norms
-        assert torch.allclose(norms, expected.group_norms, rtol=4 * torch.finfo(norms.dtype).eps, atol=0)
-        expected.group_norms.copy_(norms)
+        assert_reference_step(bucket, expected)
     assert bucket.rng.tolist() == [12345, 3] == expected.rng.tolist()
+
+
+def assert_reference_step(bucket: Bucket, expected: Bucket) -> None:
+    """Step ``expected`` with the reference and compare it with ``bucket``, which the C
+    kernel stepped: W, Z, v bit for bit, the group norms within 4 ulps; then hand the
+    norms over, so that the next step starts from the same inputs."""
+    expected.run("reference")
+    for got, want in ((bucket.params, expected.params), (bucket.z, expected.z),
+                      (bucket.momentum, expected.momentum)):
+        assert torch.equal(got, want)
+    norms = bucket.group_norms
+    assert torch.allclose(norms, expected.group_norms, rtol=4 * torch.finfo(norms.dtype).eps, atol=0)
+    expected.group_norms.copy_(norms)
+
+
+# Past cpu_step.PREFETCH_MIN_NUMEL, where spans are walked in prefetched tiles: rows
+# shorter than a tile, rows of one tile plus a ragged end, a long l1 tensor with a tail.
+LARGE_SHAPES = [(3, 1000), (64, 64, 3, 3), (100, 97), (256, 576), (700, 1301), (7,), (129, 5, 5)]
+LARGE_PENALTIES = ["l1", "group", "group", "group", "l1", "none", "group"]
+
+
+@pytest.mark.parametrize(("dtype", "state_dtype"), BUILDS, ids=["fp32", "fp64", "fp32-bf16-state"])
+def test_prefetched_tiles_match_torch_reference(dtype: torch.dtype, state_dtype: torch.dtype) -> None:
+    """A bucket large enough for the tiled, prefetching walk gives the reference's bits,
+    with 1 thread and with 2."""
+    bucket = random_bucket(LARGE_SHAPES, LARGE_PENALTIES, dtype, state_dtype, seed=8)
+    assert bucket.params.numel() >= cpu_step.PREFETCH_MIN_NUMEL
+    expected, two_threads = bucket.clone(), bucket.clone()
+    for _ in range(2):
+        cpu_step.launch(bucket.args(), num_threads=1)
+        cpu_step.launch(two_threads.args(), num_threads=2)
+        assert_reference_step(bucket, expected)
+    assert_same_outputs(bucket, two_threads)
 
 
 def test_float64_matches_float64_reference() -> None:

@@ -36,6 +36,7 @@ demo: venv data
 bench: venv
 	$(BIN)/python -m benchmarks.report
 	$(BIN)/python -m benchmarks.traffic_floor
+	$(BIN)/python -m benchmarks.cpu_ablation
 
 lint: venv
 	$(BIN)/ruff check .

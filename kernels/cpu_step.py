@@ -41,8 +41,8 @@ stochastic rounding)."""
 
 PREFETCH_MIN_NUMEL = 1 << 20
 """Buckets of at least this many elements are walked in tiles with software prefetch (see
-``slbi_step_cpu.c``): on this size they no longer fit the caches. Results are the same
-bits either way."""
+``slbi_step_cpu.c``): on this size they no longer fit the caches. Read at every launch;
+W, Z and v are the same bits either way (``benchmarks/cpu_ablation.py`` times both)."""
 
 _OPTIMISE = ["-O3", "-march=native", "-ffp-contract=off", "-std=c11", "-fPIC", "-shared"]
 # For bfloat16 state, 512-bit vectors where the CPU has them (GCC prefers 256 by default):
@@ -61,7 +61,6 @@ def _defines(scalar: str, state_bf16: bool) -> list[str]:
     ]
     flags = [f"-D{name}={getattr(abi, name)}" for name in sorted(names)]
     flags += [f"-DPENALTY_{penalty.upper()}={code}" for penalty, code in abi.PENALTY_CODES.items()]
-    flags.append(f"-DPREFETCH_MIN_NUMEL={PREFETCH_MIN_NUMEL}")
     return [*flags, f"-DSLBI_SCALAR={scalar}", f"-DSLBI_STATE_BF16={int(state_bf16)}"]
 
 
@@ -159,7 +158,7 @@ def _library(dtype: torch.dtype, state_dtype: torch.dtype) -> ctypes.CDLL | None
         return None
     step = library.slbi_bucket_step
     pointer = ctypes.c_void_p
-    step.argtypes = [pointer] * 6 + [ctypes.c_int, ctypes.c_int64] + [pointer] * 5 + [ctypes.c_int64] * 4
+    step.argtypes = [pointer] * 6 + [ctypes.c_int, ctypes.c_int64] + [pointer] * 5 + [ctypes.c_int64] * 5
     step.argtypes += [ctypes.c_int]
     step.restype = ctypes.c_int64
     return library
@@ -215,7 +214,7 @@ def launch(args: abi.BucketArgs, num_threads: int | None = None) -> None:
         slot_flags.data_ptr(), hparams.data_ptr(), rng.data_ptr(),
         None if inv_scale is None else inv_scale.data_ptr(),
         None if found_inf is None else found_inf.data_ptr(),
-        numel, slot_flags.numel(), hparams.shape[0], group_norms.numel(),
+        numel, slot_flags.numel(), hparams.shape[0], group_norms.numel(), PREFETCH_MIN_NUMEL,
         num_threads if num_threads is not None else torch.get_num_threads(),
     )
     if bad >= 0:  # checked before anything was written

@@ -19,15 +19,15 @@
  * once and W, Z, v written once. Each chunk owns whole rows: the result does not depend
  * on the number of threads.
  *
- * Buckets of at least PREFETCH_MIN_NUMEL elements are far larger than the caches: each
- * span is walked in tiles of TILE elements (512 bytes of W), and before a tile the lines
- * of W, g, Z, v PREFETCH_AHEAD elements (4 KiB of W) further on are prefetched. On one
- * core the hardware prefetcher alone leaves this long loop body waiting on memory: the
- * prefetch takes the ResNet-18/50 step from 1.02-1.05 x fused SGD's to 0.94-0.96 x with
- * bfloat16 state, from 1.20-1.22 x to 1.09-1.10 x with float32 state (1 thread, huge
- * pages). Small bursts matter: tiles of 4 times the size were slower than none. Smaller
- * buckets, which the caches hold, take each span in one loop. Neither changes W, Z or v;
- * the tiles change the order of a group norm's sum.
+ * Buckets of at least prefetch_min_numel elements (an argument) are far larger than the
+ * caches: each span is walked in tiles of TILE elements (512 bytes of W), and before a
+ * tile the lines of W, g, Z, v PREFETCH_AHEAD elements (4 KiB of W) further on are
+ * prefetched. On one core the hardware prefetcher alone leaves this long loop body
+ * waiting on memory: without the prefetch the ResNet-18/50 step is 2-5 % slower with
+ * bfloat16 state and 10-11 % with float32 state (python -m benchmarks.cpu_ablation,
+ * 1 thread). Small bursts matter: tiles of 4 times the size were slower than none.
+ * Smaller buckets, which the caches hold, take each span in one loop. Neither changes
+ * W, Z or v; the tiles change the order of a group norm's sum.
  *
  * Build parameters:
  *   SLBI_SCALAR      the bucket's dtype (float or double); the arithmetic runs in it and
@@ -35,7 +35,6 @@
  *   SLBI_STATE_BF16  1: Z and v are stored as bfloat16 (uint16_t bits) and written back
  *                    with stochastic rounding ("Stochastic rounding" in docs/design.md),
  *                    the random bits a hash of (seed, step, element index).
- *   PREFETCH_MIN_NUMEL  the bucket size from which spans are tiled and prefetched.
  */
 #include <stdint.h>
 #include <string.h>
@@ -54,7 +53,7 @@ enum { V_NONE = 0, V_FIRST = 1, V_HISTORY = 2 }; /* no buffer; v = u; v = rho*v 
 typedef struct {
     scalar_t lr_kappa, lr_over_mu, kappa, inv_mu, lam, rho, one_minus_d, wd, scale;
     uint32_t seed, step_mix; /* step_mix = step * 0xC2B2AE3D */
-    int prefetch;            /* numel >= PREFETCH_MIN_NUMEL: tiles and software prefetch */
+    int prefetch;            /* numel >= prefetch_min_numel: tiles and software prefetch */
 } coefficients;
 
 enum {
@@ -282,13 +281,14 @@ static int64_t slbi_check_chunks(const void *chunks, int wide, int64_t num_chunk
 
 /* Updates the bucket and counts the step (rng[RNG_STEP] += 1), or does nothing when
  * *found_inf != 0 (inf/NaN gradients under torch.amp.GradScaler). inv_scale and found_inf
- * may be NULL; chunks are int64 when wide_chunks, else int32. Returns -1, or the index of
- * the first chunk that reaches outside the buffers (then nothing was written). */
+ * may be NULL; chunks are int64 when wide_chunks, else int32; buckets of at least
+ * prefetch_min_numel elements take the tiled, prefetching walk. Returns -1, or the index
+ * of the first chunk that reaches outside the buffers (then nothing was written). */
 int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v, scalar_t *norms,
                          const void *chunks, int wide_chunks, int64_t num_chunks, const int32_t *slot_flags,
                          const double *hparams, int64_t *rng, const float *inv_scale, const float *found_inf,
                          int64_t numel, int64_t num_slots, int64_t num_groups, int64_t num_norms,
-                         int num_threads)
+                         int64_t prefetch_min_numel, int num_threads)
 {
     const int64_t bad = slbi_check_chunks(chunks, wide_chunks, num_chunks, numel, num_slots, num_groups,
                                           num_norms);
@@ -323,7 +323,7 @@ int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v,
             .scale = scale,
             .seed = seed,
             .step_mix = step_mix,
-            .prefetch = numel >= PREFETCH_MIN_NUMEL,
+            .prefetch = numel >= prefetch_min_numel,
         };
         const int v_mode = hp[HP_USE_MOMENTUM] == 0.0 || v == 0 ? V_NONE
                            : (flags & FLAG_MOMENTUM_READY) ? V_HISTORY

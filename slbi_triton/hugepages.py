@@ -7,8 +7,8 @@ page boundary cost as much as the arithmetic. On Linux, a CPU buffer of at least
 ``MADV_HUGEPAGE``: where the kernel's THP mode is ``madvise`` (the usual default) or
 ``always``, it is backed by 2 MiB pages; with ``never`` it keeps 4 KiB pages and works
 the same. Anywhere else (other systems, CUDA, small buffers) it is ``torch.zeros``.
-Measured on the ResNet-18/50 sets, 1 thread, side by side: the step 6-10 % faster with
-bfloat16 state and 13-17 % with float32 state (``benchmarks/RESULTS.md``). torch can do
+Measured on the ResNet-18/50 sets, 1 thread, side by side: the step 7-11 % faster with
+bfloat16 state and 7-14 % with float32 state (``python -m benchmarks.cpu_ablation``). torch can do
 the same for every large allocation (``THP_MEM_ALLOC_ENABLE=1``, which speeds fused SGD
 up too); this module does it for the optimizer's buffers alone, and so for the
 parameters and gradients viewing them.

@@ -1,0 +1,93 @@
+"""What huge pages and the C kernel's software prefetch each buy on the CPU.
+
+Usage: python -m benchmarks.cpu_ablation [--sets resnet18,resnet50] [--scale S] [--rounds R]
+[--threads T]
+
+Times side by side, in one process and interleaved rounds, ``SGD(fused=True)`` and, for
+float32 and bfloat16 state, SLBI three ways: as shipped; with its flat buffers from
+``torch.zeros`` on 4 KiB pages (``slbi_triton.hugepages.MIN_BYTES`` raised while it is
+built); and with the kernel's tiled, prefetching walk off (``cpu_step.PREFETCH_MIN_NUMEL``
+raised around its steps). Each is printed as a multiple of fused SGD's step. The three
+SLBI variants write the same W, Z and v (``tests/test_c_kernel.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+
+import torch
+from slbi_triton.kernels import cpu_step
+
+from benchmarks import param_sets
+from benchmarks.contenders import SGD_HPARAMS, SLBI_HPARAMS
+from benchmarks.timing import interleaved_medians
+from slbi_triton import SLBI, hugepages
+
+CPU = torch.device("cpu")
+
+
+def _slbi(shapes: param_sets.ParamShapes, state_dtype: torch.dtype | None, huge_pages: bool) -> SLBI:
+    saved = hugepages.MIN_BYTES
+    if not huge_pages:
+        hugepages.MIN_BYTES = sys.maxsize
+    try:
+        return SLBI(param_sets.make_params(shapes), state_dtype=state_dtype, **SLBI_HPARAMS)
+    finally:
+        hugepages.MIN_BYTES = saved
+
+
+def _without_prefetch(step: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        saved = cpu_step.PREFETCH_MIN_NUMEL
+        cpu_step.PREFETCH_MIN_NUMEL = sys.maxsize
+        try:
+            step()
+        finally:
+            cpu_step.PREFETCH_MIN_NUMEL = saved
+
+    return run
+
+
+def contenders(shapes: param_sets.ParamShapes) -> dict[str, Callable[[], object]]:
+    """The step of each contender, by name; fused SGD first."""
+    sgd = torch.optim.SGD([p for _, p in param_sets.make_params(shapes)], **SGD_HPARAMS, fused=True)
+    steps: dict[str, Callable[[], object]] = {"sgd-fused": sgd.step}
+    for label, state_dtype in (("fp32 state", None), ("bf16 state", torch.bfloat16)):
+        steps[f"slbi {label}"] = _slbi(shapes, state_dtype, huge_pages=True).step
+        steps[f"slbi {label}, 4 KiB pages"] = _slbi(shapes, state_dtype, huge_pages=False).step
+        steps[f"slbi {label}, no prefetch"] = _without_prefetch(_slbi(shapes, state_dtype, True).step)
+    return steps
+
+
+def measure(shapes: param_sets.ParamShapes, rounds: int) -> dict[str, float]:
+    """Median seconds per step of each contender, measured in interleaved rounds."""
+    samples = interleaved_medians(contenders(shapes), CPU, rounds=rounds, warmup=3, min_sample_s=0.01)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sets", default="resnet18,resnet50", help="comma-separated set names")
+    parser.add_argument("--scale", type=int, default=1, help="width divisor (param_sets)")
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for name in args.sets.split(","):
+        shapes = getattr(param_sets, name)(args.scale)
+        medians = measure(shapes, args.rounds)
+        sgd = medians["sgd-fused"]
+        print(f"{name} ({param_sets.numel_of(shapes):,} parameters, {torch.get_num_threads()} threads, "
+              f"median of {args.rounds} interleaved rounds)")
+        for contender, seconds in medians.items():
+            print(f"  {contender:32s} {seconds * 1e3:8.3f} ms   {seconds / sgd:5.2f} x fused SGD")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

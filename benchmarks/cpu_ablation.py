@@ -6,8 +6,9 @@ Usage: python -m benchmarks.cpu_ablation [--sets resnet18,resnet50] [--scale S] 
 Times side by side, in one process and interleaved rounds, ``SGD(fused=True)`` and, for
 float32 and bfloat16 state, SLBI three ways: as shipped; with its flat buffers from
 ``torch.zeros`` on 4 KiB pages (``slbi_triton.hugepages.MIN_BYTES`` raised while it is
-built); and with the kernel's tiled, prefetching walk off (``cpu_step.PREFETCH_MIN_NUMEL``
-raised around its steps). Each is printed as a multiple of fused SGD's step. The three
+built); and with the C kernel's tiled, prefetching walk switched the other way (off for
+bfloat16 state, on from 2**20 elements for float32 state; ``cpu_step.PREFETCH_MIN_NUMEL``
+changed around its steps). Each is printed as a multiple of fused SGD's step. The three
 SLBI variants write the same W, Z and v (``tests/test_c_kernel.py``).
 """
 
@@ -39,14 +40,20 @@ def _slbi(shapes: param_sets.ParamShapes, state_dtype: torch.dtype | None, huge_
         hugepages.MIN_BYTES = saved
 
 
-def _without_prefetch(step: Callable[[], object]) -> Callable[[], None]:
+def _prefetch_switched(step: Callable[[], object], state_dtype: torch.dtype) -> Callable[[], None]:
+    """``step`` with the prefetch threshold of ``state_dtype`` switched: on if it is off."""
+    shipped = cpu_step.PREFETCH_MIN_NUMEL.get(state_dtype, cpu_step.NO_PREFETCH)
+    switched = 1 << 20 if shipped == cpu_step.NO_PREFETCH else cpu_step.NO_PREFETCH
+
     def run() -> None:
-        saved = cpu_step.PREFETCH_MIN_NUMEL
-        cpu_step.PREFETCH_MIN_NUMEL = sys.maxsize
+        cpu_step.PREFETCH_MIN_NUMEL[state_dtype] = switched
         try:
             step()
         finally:
-            cpu_step.PREFETCH_MIN_NUMEL = saved
+            if shipped == cpu_step.NO_PREFETCH:
+                del cpu_step.PREFETCH_MIN_NUMEL[state_dtype]
+            else:
+                cpu_step.PREFETCH_MIN_NUMEL[state_dtype] = shipped
 
     return run
 
@@ -55,10 +62,12 @@ def contenders(shapes: param_sets.ParamShapes) -> dict[str, Callable[[], object]
     """The step of each contender, by name; fused SGD first."""
     sgd = torch.optim.SGD([p for _, p in param_sets.make_params(shapes)], **SGD_HPARAMS, fused=True)
     steps: dict[str, Callable[[], object]] = {"sgd-fused": sgd.step}
-    for label, state_dtype in (("fp32 state", None), ("bf16 state", torch.bfloat16)):
-        steps[f"slbi {label}"] = _slbi(shapes, state_dtype, huge_pages=True).step
-        steps[f"slbi {label}, 4 KiB pages"] = _slbi(shapes, state_dtype, huge_pages=False).step
-        steps[f"slbi {label}, no prefetch"] = _without_prefetch(_slbi(shapes, state_dtype, True).step)
+    for label, state_dtype in (("fp32 state", torch.float32), ("bf16 state", torch.bfloat16)):
+        option = None if state_dtype == torch.float32 else state_dtype
+        steps[f"slbi {label}"] = _slbi(shapes, option, huge_pages=True).step
+        steps[f"slbi {label}, 4 KiB pages"] = _slbi(shapes, option, huge_pages=False).step
+        prefetch = "no prefetch" if state_dtype in cpu_step.PREFETCH_MIN_NUMEL else "prefetch"
+        steps[f"slbi {label}, {prefetch}"] = _prefetch_switched(_slbi(shapes, option, True).step, state_dtype)
     return steps
 
 

@@ -39,10 +39,14 @@ STATE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16), torch.float64: (
 """Per bucket dtype, the dtypes its Z and momentum may be stored in (bfloat16: with
 stochastic rounding)."""
 
-PREFETCH_MIN_NUMEL = 1 << 20
-"""Buckets of at least this many elements are walked in tiles with software prefetch (see
-``slbi_step_cpu.c``): on this size they no longer fit the caches. Read at every launch;
-W, Z and v are the same bits either way (``benchmarks/cpu_ablation.py`` times both)."""
+PREFETCH_MIN_NUMEL: dict[torch.dtype, int] = {torch.bfloat16: 1 << 20}
+"""By state dtype, the bucket size from which the C kernel walks spans in tiles with
+software prefetch (see ``slbi_step_cpu.c``); a state dtype not listed never does. The
+bfloat16-state loop (hash, conversions) is long enough per element that the hardware
+prefetcher falls behind; the float32-state loop keeps it ahead on huge pages and was
+slower with the prefetch (``python -m benchmarks.cpu_ablation``). Read at every launch;
+W, Z and v are the same bits either way."""
+NO_PREFETCH = 2**63 - 1
 
 _OPTIMISE = ["-O3", "-march=native", "-ffp-contract=off", "-std=c11", "-fPIC", "-shared"]
 # For bfloat16 state, 512-bit vectors where the CPU has them (GCC prefers 256 by default):
@@ -214,7 +218,8 @@ def launch(args: abi.BucketArgs, num_threads: int | None = None) -> None:
         slot_flags.data_ptr(), hparams.data_ptr(), rng.data_ptr(),
         None if inv_scale is None else inv_scale.data_ptr(),
         None if found_inf is None else found_inf.data_ptr(),
-        numel, slot_flags.numel(), hparams.shape[0], group_norms.numel(), PREFETCH_MIN_NUMEL,
+        numel, slot_flags.numel(), hparams.shape[0], group_norms.numel(),
+        PREFETCH_MIN_NUMEL.get(z.dtype, NO_PREFETCH),
         num_threads if num_threads is not None else torch.get_num_threads(),
     )
     if bad >= 0:  # checked before anything was written

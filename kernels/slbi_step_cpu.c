@@ -19,15 +19,16 @@
  * once and W, Z, v written once. Each chunk owns whole rows: the result does not depend
  * on the number of threads.
  *
- * Buckets of at least prefetch_min_numel elements (an argument) are far larger than the
- * caches: each span is walked in tiles of TILE elements (512 bytes of W), and before a
- * tile the lines of W, g, Z, v PREFETCH_AHEAD elements (4 KiB of W) further on are
- * prefetched. On one core the hardware prefetcher alone leaves this long loop body
- * waiting on memory: without the prefetch the ResNet-18/50 step is 2-5 % slower with
- * bfloat16 state and 10-11 % with float32 state (python -m benchmarks.cpu_ablation,
- * 1 thread). Small bursts matter: tiles of 4 times the size were slower than none.
- * Smaller buckets, which the caches hold, take each span in one loop. Neither changes
- * W, Z or v; the tiles change the order of a group norm's sum.
+ * Buckets of at least prefetch_min_numel elements (an argument: 2**20 for bfloat16 state,
+ * never for float32 state, see cpu_step.PREFETCH_MIN_NUMEL) are walked span by span in
+ * tiles of TILE elements (512 bytes of W), and before a tile the lines of W, g, Z, v
+ * PREFETCH_AHEAD elements (4 KiB of W) further on are prefetched. On one core the
+ * hardware prefetcher alone leaves the bfloat16-state loop (hash, conversions) waiting
+ * on memory: without the prefetch its ResNet-18/50 step is 10-13 % slower; the lighter
+ * float32-state loop was 7-9 % slower with it (python -m benchmarks.cpu_ablation,
+ * 1 thread, huge pages). Small bursts matter: tiles of 4 times the size were slower
+ * than none. Neither walk changes W, Z or v; the tiles change the order of a group
+ * norm's sum.
  *
  * Build parameters:
  *   SLBI_SCALAR      the bucket's dtype (float or double); the arithmetic runs in it and

@@ -128,12 +128,12 @@ class FlatBucket:
             offset = _align(offset + slot.numel)
             norm_offset += slot.num_groups
         self.numel = offset
-        # Every step streams these four: huge pages on the CPU (hugepages.py).
-        self.params = hugepages.zeros(self.numel, self.dtype, self.device)
-        self.grads = hugepages.zeros(self.numel, self.dtype, self.device)
-        self.z = hugepages.zeros(self.numel, self.state_dtype, self.device)
+        # Every step streams these four side by side: huge pages on the CPU, one lane each.
+        self.params = hugepages.zeros(self.numel, self.dtype, self.device, lane=0)
+        self.grads = hugepages.zeros(self.numel, self.dtype, self.device, lane=1)
+        self.z = hugepages.zeros(self.numel, self.state_dtype, self.device, lane=2)
         self.momentum: Tensor | None = (
-            hugepages.zeros(self.numel, self.state_dtype, self.device) if momentum else None
+            hugepages.zeros(self.numel, self.state_dtype, self.device, lane=3) if momentum else None
         )
         self.group_norms = torch.zeros(norm_offset, device=self.device, dtype=abi.norm_dtype(self.dtype))
         self.rng = torch.tensor(rng, dtype=torch.int64, device=self.device)
@@ -158,7 +158,7 @@ class FlatBucket:
     def ensure_momentum(self) -> None:
         """Allocate the momentum buffer (a group switched from ρ = 0 to ρ > 0)."""
         if self.momentum is None:
-            self.momentum = hugepages.zeros(self.numel, self.state_dtype, self.device)
+            self.momentum = hugepages.zeros(self.numel, self.state_dtype, self.device, lane=3)
             for slot in self.slots:
                 slot.momentum_view = self.view_of(self.momentum, slot)
 

@@ -55,18 +55,23 @@ def assert_reference_step(bucket: Bucket, expected: Bucket) -> None:
     expected.group_norms.copy_(norms)
 
 
-# Past cpu_step.PREFETCH_MIN_NUMEL, where spans are walked in prefetched tiles: rows
-# shorter than a tile, rows of one tile plus a ragged end, a long l1 tensor with a tail.
+# Past 2**20 elements, the bfloat16 build's threshold for walking spans in prefetched
+# tiles: rows shorter than a tile, rows of one tile plus a ragged end, a long l1 tensor
+# with a tail.
 LARGE_SHAPES = [(3, 1000), (64, 64, 3, 3), (100, 97), (256, 576), (700, 1301), (7,), (129, 5, 5)]
 LARGE_PENALTIES = ["l1", "group", "group", "group", "l1", "none", "group"]
 
 
 @pytest.mark.parametrize(("dtype", "state_dtype"), BUILDS, ids=["fp32", "fp64", "fp32-bf16-state"])
-def test_prefetched_tiles_match_torch_reference(dtype: torch.dtype, state_dtype: torch.dtype) -> None:
-    """A bucket large enough for the tiled, prefetching walk gives the reference's bits,
-    with 1 thread and with 2."""
+def test_prefetched_tiles_match_torch_reference(
+    dtype: torch.dtype, state_dtype: torch.dtype, monkeypatch
+) -> None:
+    """A bucket large enough for the tiled, prefetching walk (the bfloat16 build's
+    threshold, set for every build) gives the reference's bits, with 1 thread and with 2."""
+    threshold = cpu_step.PREFETCH_MIN_NUMEL[torch.bfloat16]
+    monkeypatch.setitem(cpu_step.PREFETCH_MIN_NUMEL, state_dtype, threshold)
     bucket = random_bucket(LARGE_SHAPES, LARGE_PENALTIES, dtype, state_dtype, seed=8)
-    assert bucket.params.numel() >= cpu_step.PREFETCH_MIN_NUMEL
+    assert bucket.params.numel() >= threshold
     expected, two_threads = bucket.clone(), bucket.clone()
     for _ in range(2):
         cpu_step.launch(bucket.args(), num_threads=1)
@@ -82,8 +87,8 @@ def test_tiled_walk_writes_the_same_bits(dtype: torch.dtype, state_dtype: torch.
     tiled = random_bucket(SHAPES, PENALTIES, dtype, state_dtype, seed=9)
     whole = tiled.clone()
     for _ in range(2):
-        for bucket, threshold in ((tiled, 0), (whole, 1 << 62)):
-            monkeypatch.setattr(cpu_step, "PREFETCH_MIN_NUMEL", threshold)
+        for bucket, threshold in ((tiled, 0), (whole, cpu_step.NO_PREFETCH)):
+            monkeypatch.setitem(cpu_step.PREFETCH_MIN_NUMEL, state_dtype, threshold)
             bucket.run("c")
         for name in ("params", "z", "momentum"):
             assert torch.equal(getattr(tiled, name), getattr(whole, name)), name

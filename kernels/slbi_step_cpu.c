@@ -24,8 +24,8 @@
  * tiles of TILE elements (512 bytes of W), and before a tile the lines of W, g, Z, v
  * PREFETCH_AHEAD elements (4 KiB of W) further on are prefetched. On one core the
  * hardware prefetcher alone leaves the bfloat16-state loop (hash, conversions) waiting
- * on memory: without the prefetch its ResNet-18/50 step is 10-13 % slower; the lighter
- * float32-state loop was 7-9 % slower with it (python -m benchmarks.cpu_ablation,
+ * on memory: without the prefetch its ResNet-18/50 step is 10-14 % slower; the lighter
+ * float32-state loop was 2-9 % slower with it (python -m benchmarks.cpu_ablation,
  * 1 thread, huge pages). Small bursts matter: tiles of 4 times the size were slower
  * than none. Neither walk changes W, Z or v; the tiles change the order of a group
  * norm's sum.

@@ -8,7 +8,7 @@ page boundary cost as much as the arithmetic. On Linux, a CPU buffer of at least
 ``always``, it is backed by 2 MiB pages; with ``never`` it keeps 4 KiB pages and works
 the same. Anywhere else (other systems, CUDA, small buffers) it is ``torch.zeros``.
 Measured on the ResNet-18/50 sets, 1 thread, side by side: on 4 KiB pages the step takes
-9-13 % longer with bfloat16 state, 24-35 % with float32 state (``python -m
+9-13 % longer with bfloat16 state, 19-35 % with float32 state (``python -m
 benchmarks.cpu_ablation``). torch can do
 the same for every large allocation (``THP_MEM_ALLOC_ENABLE=1``, which speeds fused SGD
 up too); this module does it for the optimizer's buffers alone, and so for the

@@ -7,7 +7,7 @@ Times side by side, in one process and interleaved rounds, ``SGD(fused=True)`` a
 float32 and bfloat16 state, SLBI three ways: as shipped; with its flat buffers from
 ``torch.zeros`` on 4 KiB pages (``slbi_triton.hugepages.MIN_BYTES`` raised while it is
 built); and with the C kernel's tiled, prefetching walk switched the other way (off for
-bfloat16 state, on from 2**20 elements for float32 state; ``cpu_step.PREFETCH_MIN_NUMEL``
+bfloat16 state, on from bfloat16's threshold for float32 state; ``cpu_step.PREFETCH_MIN_NUMEL``
 changed around its steps). Each is printed as a multiple of fused SGD's step. The three
 SLBI variants write the same W, Z and v (``tests/test_c_kernel.py``).
 """
@@ -43,7 +43,8 @@ def _slbi(shapes: param_sets.ParamShapes, state_dtype: torch.dtype | None, huge_
 def _prefetch_switched(step: Callable[[], object], state_dtype: torch.dtype) -> Callable[[], None]:
     """``step`` with the prefetch threshold of ``state_dtype`` switched: on if it is off."""
     shipped = cpu_step.PREFETCH_MIN_NUMEL.get(state_dtype, cpu_step.NO_PREFETCH)
-    switched = 1 << 20 if shipped == cpu_step.NO_PREFETCH else cpu_step.NO_PREFETCH
+    bfloat16_threshold = cpu_step.PREFETCH_MIN_NUMEL[torch.bfloat16]
+    switched = bfloat16_threshold if shipped == cpu_step.NO_PREFETCH else cpu_step.NO_PREFETCH
 
     def run() -> None:
         cpu_step.PREFETCH_MIN_NUMEL[state_dtype] = switched

@@ -6,8 +6,9 @@ SGD with momentum reads W, g, v and writes W, v (5 parameter-sized arrays); SLBI
 reads and writes Z (7). This script times, side by side in one process, ``SGD(fused=True)``,
 SLBI's default step on one flat tensor of the same size (penalty l1), and two Inductor
 loops that only add arrays in place (no optimizer math): one with SGD's 5-array traffic,
-one with SLBI's 7. The 7-array loop over fused SGD is the smallest ratio any SLBI step
-can reach on this machine (the issue's ≤ 1.2 × target on the CPU is checked against it).
+one with SLBI's 7. The 7-array loop over fused SGD is what moving SLBI's bytes costs
+with torch's allocator (4 KiB pages); SLBI's own buffers of 4 MiB or more are on huge
+pages (``slbi_triton.hugepages``), so its step can come in below that loop.
 """
 
 from __future__ import annotations

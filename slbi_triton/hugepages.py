@@ -3,16 +3,16 @@
 A step streams every flat buffer from memory once; on 4 KiB pages a ResNet-50 step walks
 about 120,000 pages, and the page walks and the hardware prefetcher's stops at each
 page boundary cost as much as the arithmetic. On Linux, a CPU buffer of at least
-:data:`MIN_BYTES` is therefore an anonymous mapping, 2 MiB-aligned and advised
-``MADV_HUGEPAGE``: where the kernel's THP mode is ``madvise`` (the usual default) or
-``always``, it is backed by 2 MiB pages; with ``never`` it keeps 4 KiB pages and works
-the same. Anywhere else (other systems, CUDA, small buffers) it is ``torch.zeros``.
-Measured on the ResNet-18/50 sets, 1 thread, side by side: on 4 KiB pages the step takes
-9-13 % longer with bfloat16 state, 19-35 % with float32 state (``python -m
-benchmarks.cpu_ablation``). torch can do
-the same for every large allocation (``THP_MEM_ALLOC_ENABLE=1``, which speeds fused SGD
-up too); this module does it for the optimizer's buffers alone, and so for the
-parameters and gradients viewing them.
+:data:`MIN_BYTES` is therefore a private anonymous mapping advised ``MADV_HUGEPAGE``,
+starting its lane's offset past a 2 MiB boundary (:func:`zeros`): where the kernel's THP
+mode is ``madvise`` (the usual default) or ``always``, it is backed by 2 MiB pages; with
+``never`` it keeps 4 KiB pages and works the same. Anywhere else (other systems, CUDA,
+small buffers) it is ``torch.zeros``. Measured on the ResNet-18/50 sets, 1 thread, side by
+side: on 4 KiB pages the step takes 9-13 % longer with bfloat16 state, 19-35 % with
+float32 state (``python -m benchmarks.cpu_ablation``). torch can do the same for every
+large allocation (``THP_MEM_ALLOC_ENABLE=1``, which speeds fused SGD up too); this module
+does it for the optimizer's buffers alone, and so for the parameters and gradients
+viewing them.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ class Slot:
     z_view: Tensor | None = None
     momentum_view: Tensor | None = None
     grad_seen: bool = False  # a gradient arrived since the last zero_grad()
+    grad_version: int = 0  # ``grad_view._version`` when last checked (storage: written in place?)
     momentum_ready: bool = False  # the momentum buffer holds v_t
     hook_handle: object | None = field(default=None, repr=False)
     impl: int = 0  # the parameter's TensorImpl when bound (torch_private.impl_id)

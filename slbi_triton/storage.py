@@ -93,6 +93,9 @@ class FlatStorage:
             state_dtype = self.state_dtype if dtype != torch.float64 else None
             rng = (bucket_seed(self.seed, number), steps)
             bucket = FlatBucket(bucket_slots, needs_momentum, state_dtype, rng)
+            record = [torch_private.version_of(bucket.grads)]
+            for slot in bucket.slots:
+                slot.grad_record = record
             stale = [s for s in bucket.slots if not self._bind(bucket, s, old.get(id(s.param)), state)]
             bucket.refresh_group_norms(stale)
             bucket.kernel = choose(bucket)
@@ -136,7 +139,7 @@ class FlatStorage:
             slot.grad_view.copy_(grad)
             param.grad = slot.grad_view
         slot.grad_ptr = slot.grad_view.data_ptr()
-        slot.grad_version = torch_private.version_of(slot.grad_view)
+        slot.grad_record[0] = torch_private.version_of(slot.grad_view)
         z = entry.get("z")
         norms = entry.pop("group_norms", None)
         norms_current = slot.penalty != "group" or (
@@ -299,9 +302,10 @@ class FlatStorage:
             bucket.grads.zero_()
         if torch.compiler.is_compiling():
             return  # traced: the flags matter to eager steps only
+        for bucket in self.buckets:
+            bucket.slots[0].grad_record[0] = torch_private.version_of(bucket.grads)
         for slot in self.slots:
             slot.grad_seen = False
-            slot.grad_version = torch_private.version_of(slot.grad_view)
             if set_to_none:
                 slot.param.grad = None
 
@@ -329,13 +333,11 @@ class FlatStorage:
         """
         candidates: list[Slot] = []
         for bucket in self.buckets:
-            version = torch_private.version_of(bucket.grads)
-            if any(slot.grad_version == version for slot in bucket.slots):
+            version, record = torch_private.version_of(bucket.grads), bucket.slots[0].grad_record
+            if record[0] == version:
                 continue  # the last write was one the optimizer knows of
-            for slot in bucket.slots:
-                slot.grad_version = version
-                if not slot.grad_seen and slot.param.grad is slot.grad_view:
-                    candidates.append(slot)
+            record[0] = version
+            candidates += [s for s in bucket.slots if not s.grad_seen and s.param.grad is s.grad_view]
         by_device: dict[torch.device, list[Slot]] = {}
         for slot in candidates:
             by_device.setdefault(slot.grad_view.device, []).append(slot)
@@ -370,7 +372,7 @@ def _bind_foreign_grad(slot: Slot) -> None:
         slot.param.grad = slot.grad_view
         slot.grad_seen = True
         if not torch.compiler.is_compiling():
-            slot.grad_version = torch_private.version_of(slot.grad_view)  # a write the optimizer made
+            slot.grad_record[0] = torch_private.version_of(slot.grad_view)  # a write the optimizer made
 
 
 class _GradArrived:
@@ -388,7 +390,7 @@ class _GradArrived:
             _bind_foreign_grad(slot)
             if not torch.compiler.is_compiling():
                 # Autograd's accumulation into the view: a write the optimizer knows of.
-                slot.grad_version = torch_private.version_of(slot.grad_view)
+                slot.grad_record[0] = torch_private.version_of(slot.grad_view)
 
 
 def _remove_hooks(handles: list[Any]) -> None:

@@ -41,6 +41,9 @@ class Slot:
     z_view: Tensor | None = None
     momentum_view: Tensor | None = None
     grad_seen: bool = False  # a gradient arrived since the last zero_grad()
+    # [version of the flat gradient buffer at the last write the optimizer knows of], one
+    # cell shared by the slots of a bucket (storage: was ``.grad`` written in place?).
+    grad_record: list[int] = field(default_factory=lambda: [0])
     momentum_ready: bool = False  # the momentum buffer holds v_t
     hook_handle: object | None = field(default=None, repr=False)
     impl: int = 0  # the parameter's TensorImpl when bound (torch_private.impl_id)

@@ -15,10 +15,17 @@ from torch import Tensor
 
 from .pruning import Pruner
 from .toolbox import ORDER_STATE_KEYS, Toolbox, as_epochs, order_shape
-from .validation import check_group_penalty, check_hyperparameters, check_loaded_state, resolve_penalty
+from .validation import check_group_penalty, check_hyperparameters, check_loaded_state
+
+# (group penalty, parameter index) -> the penalty the optimizer gives that parameter.
+PenaltyOf = Callable[[str, int], str]
 
 # Options of a torch.optim.SGD param group that SLBI has no use for: not loaded.
 SGD_ONLY_KEYS = ("nesterov", "maximize", "foreach", "differentiable", "fused")
+# The keys that tell whose a saved param group is: SLBI's own, or torch.optim.SGD's (every
+# SGD param group has them; Adam's, RMSprop's, ... lack at least one).
+SLBI_GROUP_KEYS = ("kappa", "mu", "lam", "penalty")
+SGD_GROUP_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 # Kept in the dtype they were saved in: torch's loader would cast them to the parameter's
 # (Z and v of bfloat16 state, float64 norms, int64 entry epochs); binding copies them
 # into the buffers, and exact values keep a resume bit-exact.
@@ -50,12 +57,12 @@ class LoadPlan:
                 state[param][key] = as_epochs(value) if key == "entry_epoch" else value
 
 
-def plan_load(state_dict: Any, param_groups: Sequence[Mapping[str, Any]]) -> LoadPlan:
+def plan_load(state_dict: Any, param_groups: Sequence[Mapping[str, Any]], penalty_of: PenaltyOf) -> LoadPlan:
     """Validate ``state_dict`` against ``param_groups`` and split it (raises
     ``TypeError``/``ValueError`` naming what is wrong; changes nothing)."""
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
         raise TypeError("state_dict must be a mapping with 'state' and 'param_groups' (opt.state_dict())")
-    merged_groups, targets = merge_groups(list(state_dict["param_groups"]), param_groups)
+    merged_groups, targets = merge_groups(list(state_dict["param_groups"]), param_groups, penalty_of)
     state: dict[Any, Any] = {}
     exact: dict[Tensor, dict[str, Tensor]] = {}
     for key, entry in state_dict["state"].items():
@@ -89,7 +96,7 @@ def _check_scalars(extras: Mapping[str, Any]) -> None:
 
 
 def merge_groups(
-    saved_groups: list[Mapping[str, Any]], param_groups: Sequence[Mapping[str, Any]]
+    saved_groups: list[Mapping[str, Any]], param_groups: Sequence[Mapping[str, Any]], penalty_of: PenaltyOf
 ) -> tuple[list[dict[str, Any]], dict[Any, tuple[Tensor, str]]]:
     """The loaded param groups merged into ours (validated): saved values win, as in
     torch, and SLBI's own keys missing from an SGD dict stay; for each saved parameter
@@ -100,8 +107,10 @@ def merge_groups(
         )
     merged_groups = []
     targets: dict[Any, tuple[Tensor, str]] = {}
+    position = 0  # the parameter's index in this optimizer
     for index, (saved, current) in enumerate(zip(saved_groups, param_groups, strict=True)):
         where = f"loaded param group {index}"
+        _check_origin(saved, where)
         for flag in ("nesterov", "maximize"):
             if saved.get(flag, False):
                 raise ValueError(f"{where} has {flag}=True, which SLBI does not implement")
@@ -116,8 +125,25 @@ def merge_groups(
         check_group_penalty(merged["penalty"], current["params"], where)
         merged_groups.append(merged)
         for key, param in zip(saved["params"], current["params"], strict=True):
-            targets[key] = (param, resolve_penalty(merged["penalty"], param))
+            targets[key] = (param, penalty_of(merged["penalty"], position))
+            position += 1
     return merged_groups, targets
+
+
+def _check_origin(saved: Mapping[str, Any], where: str) -> None:
+    """Refuse a param group of another optimizer than SLBI or ``torch.optim.SGD`` (Adam's
+    lr, betas and moments would otherwise be taken in, or silently dropped)."""
+    if not isinstance(saved, Mapping) or "params" not in saved:
+        raise TypeError(f"{where} must be a dict with 'params' (opt.state_dict()['param_groups'])")
+    if all(key in saved for key in SLBI_GROUP_KEYS) or all(key in saved for key in SGD_GROUP_KEYS):
+        return
+    missing = [key for key in SGD_GROUP_KEYS if key not in saved]
+    raise ValueError(
+        f"{where} is neither SLBI's nor torch.optim.SGD's (it lacks {missing}; its keys are "
+        f"{sorted(k for k in saved if k != 'params')}): SLBI loads its own state dicts and, to switch "
+        "a run over, torch.optim.SGD's. Another optimizer's state has no meaning here: build SLBI "
+        "with the hyper-parameters you want and keep the model's weights"
+    )
 
 
 def state_shapes(param: Tensor, penalty: str) -> dict[str, tuple[int, ...]]:

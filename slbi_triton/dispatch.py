@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,10 +100,48 @@ class FusedKernel:
 
 
 @functools.cache
-def _compiled_update() -> Callable[..., None]:
-    """``functional.slbi_update_`` compiled by Inductor with dynamic shapes: one fused
-    loop per run, no temporaries; compiled once per (penalty, momentum, dtype)."""
-    return torch.compile(functional.slbi_update_, dynamic=True)
+def _compiled_update(variant: tuple[Any, ...]) -> Callable[..., None]:
+    """``functional.slbi_update_`` compiled by Inductor with dynamic shapes for one
+    :func:`update_variant`: one fused loop per run, no temporaries.
+
+    Each variant gets a copy of the function with a code object of its own: Dynamo keeps
+    its compiled graphs per code object, so variants neither recompile each other's
+    guards nor share ``torch._dynamo.config.recompile_limit`` (8), past which one code
+    object runs eager, silently but for a log line (bf16 and fp16 buckets, bfloat16
+    state, GradScaler and penalties reach it in one process).
+    """
+    source = functional.slbi_update_
+    code = source.__code__.replace(co_name=f"slbi_update_variant_{len(_VARIANTS)}")
+    _VARIANTS.append(variant)
+    twin = types.FunctionType(code, source.__globals__, code.co_name, source.__defaults__, source.__closure__)
+    twin.__kwdefaults__ = source.__kwdefaults__
+    return torch.compile(twin, dynamic=True)
+
+
+_VARIANTS: list[tuple[Any, ...]] = []  # the variants compiled so far, in order (names the code objects)
+
+
+def update_variant(kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a compiled :func:`functional.slbi_update_` specialises on: the penalty and
+    flags, which optional tensors are given, each tensor's dtype, rank and device, each
+    number's type, the sizes, offsets and ints Dynamo never makes dynamic (0 and 1), and
+    which sizes and ints are equal (Dynamo's "duck sizing" would guard on it)."""
+    variant: list[Any] = []
+    sizes: list[int] = []
+    for key, value in sorted(kwargs.items()):
+        if isinstance(value, Tensor):
+            dims = (*value.shape, value.storage_offset())
+            sizes += dims
+            variant.append((key, value.dtype, value.device.type, tuple(size <= 1 for size in dims)))
+        elif value is None or isinstance(value, (str, bool)):
+            variant.append((key, value))
+        elif isinstance(value, int):
+            sizes.append(value)
+            variant.append((key, int, value in (0, 1)))
+        else:  # a float: dynamic
+            variant.append((key, type(value)))
+    variant.append(tuple(sizes.index(size) for size in sizes))
+    return tuple(variant)
 
 
 class TorchKernel:
@@ -124,7 +163,7 @@ class TorchKernel:
             steady = run.momentum_ready or group["momentum"] == 0
             if self.name == "inductor" and steady and not traced:
                 try:
-                    _compiled_update()(**kwargs)
+                    _compiled_update(update_variant(kwargs))(**kwargs)
                 except Exception as error:  # Inductor unavailable (no C++ compiler, ...)
                     logger.warning("SLBI: compiling the fused update failed (%s); staying eager", error)
                     self.name = "eager"

@@ -21,17 +21,19 @@ from . import checkpoint, torch_private
 from .buckets import FlatBucket
 from .dispatch import BucketKernel, HparamTables, KernelInfo, amp_inputs_for, check_backend, choose_kernel
 from .names import drop_tied
+from .penalties import ModulePenalties, owners_from
 from .pruning import Pruner
 from .storage import FlatStorage
 from .toolbox import Toolbox
 from .validation import (
-    BACKENDS,
     HYPERPARAMETERS,
     GroupChecks,
     check_hyperparameters,
+    check_names,
     check_new_params,
-    check_state_dtype,
-    resolve_penalty,
+    check_options,
+    fused_from_torch_options,
+    group_params,
 )
 
 __all__ = ["SLBI"]
@@ -96,6 +98,9 @@ class SLBI(Optimizer):
             SGD. ``None`` (default): the parameters' dtype.
         seed: seed of the stochastic rounding (default: ``torch.initial_seed()``, so
             ``torch.manual_seed`` makes a run reproducible).
+        foreach: as in ``torch.optim``; ``True`` or ``False``: multi-tensor torch ops (as
+            ``fused=False``; SLBI has no per-tensor loop); ``None`` (default): ``fused``.
+        maximize, differentiable: as in ``torch.optim``; only ``False`` (the default).
 
     Example:
         >>> opt = SLBI(model.named_parameters(), lr=0.1, kappa=1, mu=100)
@@ -103,12 +108,11 @@ class SLBI(Optimizer):
         >>> loss_fn(model(x), y).backward()
         >>> opt.step()
 
-    A parameter's ``.grad`` is ``None`` until autograd writes one; that gradient is then
-    copied once into the flat gradient buffer and ``.grad`` stays a view into it.
-    ``zero_grad()`` (default ``set_to_none=False``, unlike ``torch.optim``) zeroes the flat
-    buffer in place and keeps the views, so no later step copies. A parameter that
-    received no gradient since then is skipped by ``step()``, exactly as
-    ``torch.optim.SGD`` skips a ``None`` gradient.
+    A parameter's ``.grad`` is ``None`` until a gradient arrives, which is copied once into
+    the flat gradient buffer; ``.grad`` stays a view into it, and ``zero_grad()`` (default
+    ``set_to_none=False``, unlike ``torch.optim``) zeroes the buffer and keeps the views.
+    ``step()`` updates the parameters that received a gradient since (from autograd,
+    assigned, or written into ``.grad`` in place) and skips the others, as SGD skips ``None``.
 
     State per parameter (``opt.state[p]``): ``"momentum_buffer"``, ``"z"``,
     ``"group_norms"`` and the toolbox's order (see :meth:`state_dict`).
@@ -136,6 +140,9 @@ class SLBI(Optimizer):
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
     ) -> None:
         values = (lr, kappa, mu, lam, momentum, dampening, weight_decay)
         defaults: dict[str, Any] = dict(zip(HYPERPARAMETERS, values, strict=True))
@@ -144,26 +151,27 @@ class SLBI(Optimizer):
         if isinstance(params, (set, frozenset)):
             # Iteration order would decide the state_dict indices: refuse, as torch does for a group.
             raise TypeError("params must be an ordered collection (a list), not a set")
-        if backend not in BACKENDS:
-            raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
-        if fused not in (None, True, False):
-            raise TypeError(f"fused must be None, True or False, got {fused!r}")
-        check_state_dtype(state_dtype)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}: {seed!r}")
+        check_options(backend, state_dtype, seed)
+        fused = fused_from_torch_options(fused, foreach, maximize, differentiable)
         self.backend = backend
         self.fused = fused
         self.state_dtype = state_dtype
         self.current_epoch: int | None = None
         self._init_components(torch.initial_seed() if seed is None else seed)
+        # Penalty "auto" asks the modules, read from model.(named_)parameters() before
+        # torch's __init__ consumes it.
+        self._owners = owners_from(params)
         super().__init__(params, defaults)
+        self._owners = {}  # the optimizer keeps no module alive
         self._relayout(steps=0)
         self._layout_ready = True
 
     def _init_components(self, seed: int) -> None:
         """The parts an SLBI is made of (also after unpickling)."""
         self._layout_ready = False
-        self._storage = FlatStorage(self.state_dtype, seed & 0xFFFFFFFF)
+        self._owners: dict[int, list[torch.nn.Module]] = {}  # while __init__ adds the groups
+        self._module_penalties = ModulePenalties()
+        self._storage = FlatStorage(self.state_dtype, seed & 0xFFFFFFFF, self._module_penalties.resolve)
         self._toolbox = Toolbox(self, self._storage)
         self._pruner = Pruner(self._toolbox, self, self._storage)
         self._tables = HparamTables()
@@ -215,6 +223,7 @@ class SLBI(Optimizer):
             "frozen": self._pruner.frozen,
             "snapshot": self._pruner.snapshot,
             "aliases": self._toolbox.aliases,
+            "module_penalties": self._module_penalties.by_position,
         }
         return state
 
@@ -226,6 +235,7 @@ class SLBI(Optimizer):
         self.backend, self.fused, self.state_dtype = extras["backend"], extras["fused"], extras["state_dtype"]
         self.current_epoch = extras["current_epoch"]
         self._init_components(extras["seed"])
+        self._module_penalties.by_position = list(extras.get("module_penalties", ()))
         self._relayout(steps=extras["steps"])
         self._layout_ready = True
         self._toolbox.order_path = extras["order_path"]
@@ -242,15 +252,13 @@ class SLBI(Optimizer):
         merged = {**self.defaults, **param_group}
         where = f"param group {len(self.param_groups)}"
         check_hyperparameters(merged, where)
-        raw = param_group["params"]
-        if isinstance(raw, set):
-            raise TypeError("params must be an ordered collection, not a set")
+        owners = {**self._owners, **owners_from(param_group["params"])}
         # As torch.optim: a tensor, or a sequence of parameters or (name, parameter); a tied
         # weight listed under each of its names (named_parameters(remove_duplicate=False)) once.
-        raw, aliases = drop_tied([raw] if isinstance(raw, Tensor) else list(raw))
-        param_group = {**param_group, "params": raw}
-        names = [item[0] if isinstance(item, tuple) else None for item in raw]
-        tensors = [item[1] if isinstance(item, tuple) else item for item in raw]
+        items, _, _ = group_params(param_group["params"])
+        items, aliases = drop_tied(items)
+        items, names, tensors = group_params(items)
+        param_group = {**param_group, "params": items}
         taken = {id(p) for group in self.param_groups for p in group["params"]}
         check_new_params(tensors, names, merged["penalty"], where, taken)
         for param in tensors:
@@ -258,6 +266,7 @@ class SLBI(Optimizer):
         first = sum(len(group["params"]) for group in self.param_groups)
         super().add_param_group(param_group)
         self._toolbox.aliases.update({alias: first + position for alias, position in aliases.items()})
+        self._module_penalties.add(tensors, owners)
         if self._layout_ready:
             self._relayout()
 
@@ -269,15 +278,7 @@ class SLBI(Optimizer):
                 ``[n for n, _ in model.named_parameters()]``.
         """
         names = list(names)
-        total = sum(len(group["params"]) for group in self.param_groups)
-        if len(names) != total:
-            raise ValueError(f"assign_name got {len(names)} names for {total} parameters")
-        bad = [n for n in names if not isinstance(n, str)]
-        if bad:
-            raise TypeError(f"names must be strings, got {bad[0]!r}")
-        if len(set(names)) != len(names):
-            duplicates = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"assign_name got duplicate names: {duplicates}")
+        check_names(names, sum(len(group["params"]) for group in self.param_groups))
         position = 0
         for group in self.param_groups:
             count = len(group["params"])
@@ -285,6 +286,7 @@ class SLBI(Optimizer):
             position += count
         for slot in self._storage.slots:
             slot.name = names[slot.index]
+        self._apply_group_changes(names_changed=True)  # "auto" may read the names
 
     def kernels(self) -> list[KernelInfo]:
         """Which kernel updates which parameters: one :class:`KernelInfo` per flat buffer
@@ -416,20 +418,26 @@ class SLBI(Optimizer):
             bucket.kernel(bucket, flags, self.param_groups, self._tables, *amp_inputs[bucket.device])
             bucket.apply_frozen()
 
-    def _apply_group_changes(self) -> None:
-        """Re-lay the buffers when a group's penalty changed (validated before)."""
+    def _apply_group_changes(self, names_changed: bool = False) -> None:
+        """Re-lay the buffers when a parameter's penalty changed (its group's, validated
+        before, or what "auto" makes of new names)."""
         penalties = tuple(group["penalty"] for group in self.param_groups)
-        if penalties == self._checked_penalties:
+        if penalties == self._checked_penalties and not names_changed:
             return
         changed = [
             slot for slot in self._storage.slots
-            if resolve_penalty(self.param_groups[slot.group_index]["penalty"], slot.param) != slot.penalty
+            if self._penalty_of(self.param_groups[slot.group_index]["penalty"], slot.index) != slot.penalty
         ]
         if changed:
             # The prune order and path of another penalty have another shape: they restart.
             self._toolbox.forget_order([slot.param for slot in changed])
             self._relayout()
         self._checked_penalties = penalties
+
+    def _penalty_of(self, penalty: str, index: int) -> str:
+        """The penalty the parameter at ``index`` gets in a group with ``penalty``."""
+        slot = self._storage.slots[index]
+        return self._module_penalties.resolve(penalty, slot.param, slot.name, index)
 
     # -- state dict -----------------------------------------------------------------
 
@@ -481,7 +489,7 @@ class SLBI(Optimizer):
     def _prepare_load(self, optimizer: SLBI, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         """Validate a state dict (nothing changes if it is refused); torch's loader gets
         the merged param groups and the state it may cast."""
-        self._pending_load = checkpoint.plan_load(state_dict, self.param_groups)
+        self._pending_load = checkpoint.plan_load(state_dict, self.param_groups, self._penalty_of)
         return self._pending_load.for_torch
 
     def _finish_load(self, optimizer: SLBI) -> None:

@@ -23,10 +23,12 @@ from torch import Tensor
 from . import torch_private
 from .buckets import FlatBucket, Slot
 from .kernels import abi
-from .validation import check_gradient, check_parameter, resolve_penalty
+from .validation import check_gradient, check_parameter
 
 Groups = Sequence[Mapping[str, Any]]
 State = Mapping[Tensor, dict[str, Any]]
+# (group penalty, parameter, its name, its index) -> the penalty it gets.
+PenaltyOf = Callable[[str, Tensor, "str | None", int], str]
 
 
 class FlatStorage:
@@ -35,11 +37,13 @@ class FlatStorage:
     Args:
         state_dtype: dtype of Z and the momentum buffer (``None``: the parameters').
         seed: seed of stochastic rounding (docs/design.md, "Stochastic rounding").
+        penalty_of: what each parameter's group penalty means for it (``"auto"``).
     """
 
-    def __init__(self, state_dtype: torch.dtype | None, seed: int) -> None:
+    def __init__(self, state_dtype: torch.dtype | None, seed: int, penalty_of: PenaltyOf) -> None:
         self.state_dtype = state_dtype
         self.seed = seed
+        self.penalty_of = penalty_of
         self.slots: list[Slot] = []
         self.buckets: list[FlatBucket] = []
         self._by_id: dict[int, Slot] = {}
@@ -65,13 +69,14 @@ class FlatStorage:
             steps: the step count the buckets start at (default: the current one).
         """
         steps = self.steps_done() if steps is None else steps
+        self._note_written()  # the old views' in-place writes count in the new layout too
         old = {id(slot.param): slot for slot in self.slots}
         _remove_hooks(self._handles)
         slots: list[Slot] = []
         for group_index, group in enumerate(groups):
             names = group.get("param_names", [None] * len(group["params"]))
             for param, name in zip(group["params"], names, strict=True):
-                penalty = resolve_penalty(group["penalty"], param)
+                penalty = self.penalty_of(group["penalty"], param, name, len(slots))
                 slots.append(Slot(param, name, len(slots), group_index, penalty))
         momentum_groups = {i for i, group in enumerate(groups) if group["momentum"] != 0}
         by_bucket: dict[tuple[torch.device, torch.dtype], list[Slot]] = {}
@@ -88,6 +93,9 @@ class FlatStorage:
             state_dtype = self.state_dtype if dtype != torch.float64 else None
             rng = (bucket_seed(self.seed, number), steps)
             bucket = FlatBucket(bucket_slots, needs_momentum, state_dtype, rng)
+            record = [torch_private.version_of(bucket.grads)]
+            for slot in bucket.slots:
+                slot.grad_record = record
             stale = [s for s in bucket.slots if not self._bind(bucket, s, old.get(id(s.param)), state)]
             bucket.refresh_group_norms(stale)
             bucket.kernel = choose(bucket)
@@ -131,6 +139,7 @@ class FlatStorage:
             slot.grad_view.copy_(grad)
             param.grad = slot.grad_view
         slot.grad_ptr = slot.grad_view.data_ptr()
+        slot.grad_record[0] = torch_private.version_of(slot.grad_view)
         z = entry.get("z")
         norms = entry.pop("group_norms", None)
         norms_current = slot.penalty != "group" or (
@@ -293,6 +302,8 @@ class FlatStorage:
             bucket.grads.zero_()
         if torch.compiler.is_compiling():
             return  # traced: the flags matter to eager steps only
+        for bucket in self.buckets:
+            bucket.slots[0].grad_record[0] = torch_private.version_of(bucket.grads)
         for slot in self.slots:
             slot.grad_seen = False
             if set_to_none:
@@ -305,7 +316,36 @@ class FlatStorage:
             for slot in self.slots:
                 _bind_foreign_grad(slot)
             return [[slot.param.grad is not None for slot in bucket.slots] for bucket in self.buckets]
+        self._note_written()
         return [[slot.param.grad is not None and slot.grad_seen for slot in b.slots] for b in self.buckets]
+
+    def _note_written(self) -> None:
+        """Find the gradients written in place into the bound ``.grad`` views since the
+        last ``zero_grad()`` by anything but autograd (``p.grad.copy_(g)``, DDP's
+        averaged gradients), which no hook reports.
+
+        The views share their flat buffer's version counter, and every write the
+        optimizer knows of (``zero_grad``, a binding, autograd's accumulation, which the
+        hook sees) records it. Only when the counter moved past every record are the
+        parameters still without a gradient read: one that now holds a non-zero value
+        has one. So the usual step reads nothing, and scaling a gradient nothing wrote
+        (``clip_grad_norm_``, ``GradScaler.unscale_``) does not step an unused parameter.
+        """
+        candidates: list[Slot] = []
+        for bucket in self.buckets:
+            version, record = torch_private.version_of(bucket.grads), bucket.slots[0].grad_record
+            if record[0] == version:
+                continue  # the last write was one the optimizer knows of
+            record[0] = version
+            candidates += [s for s in bucket.slots if not s.grad_seen and s.param.grad is s.grad_view]
+        by_device: dict[torch.device, list[Slot]] = {}
+        for slot in candidates:
+            by_device.setdefault(slot.grad_view.device, []).append(slot)
+        for slots in by_device.values():
+            # One wait for the device per device, not one per parameter.
+            written = torch.stack([slot.grad_view.any() for slot in slots]).tolist()
+            for slot, seen in zip(slots, written, strict=True):
+                slot.grad_seen = seen
 
     def stepped(self, active: list[list[bool]], groups: Groups, state: State) -> None:
         """After a step: a parameter of a group with momentum now has ``v_t``."""
@@ -323,12 +363,16 @@ def bucket_seed(seed: int, number: int) -> int:
 
 def _bind_foreign_grad(slot: Slot) -> None:
     """A gradient outside the flat buffer (assigned by hand, made by a traced backward,
-    written by DDP's bucket view): copy it in and bind the view."""
+    written by DDP's bucket view): copy it in and bind the view; a sparse or complex one
+    is refused with the optimizer's error (not torch's, from inside a copy)."""
     grad = slot.param.grad
     if grad is not None and grad is not slot.grad_view:
+        check_gradient(grad, slot.label)
         slot.grad_view.copy_(grad)
         slot.param.grad = slot.grad_view
         slot.grad_seen = True
+        if not torch.compiler.is_compiling():
+            slot.grad_record[0] = torch_private.version_of(slot.grad_view)  # a write the optimizer made
 
 
 class _GradArrived:
@@ -344,6 +388,9 @@ class _GradArrived:
         if slot is not None:
             slot.grad_seen = True
             _bind_foreign_grad(slot)
+            if not torch.compiler.is_compiling():
+                # Autograd's accumulation into the view: a write the optimizer knows of.
+                slot.grad_record[0] = torch_private.version_of(slot.grad_view)
 
 
 def _remove_hooks(handles: list[Any]) -> None:

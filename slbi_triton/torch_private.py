@@ -23,6 +23,10 @@ upgrade that drops one fails with a message naming it).
    The optimizer installs an equivalent wrapper defined here, which sets the flag the
    scheduler reads to tell it that ``step()`` ran. No public API lets an optimizer
    replace the scheduler's wrapper.
+4. ``Tensor._version``, the counter every in-place write bumps, shared by a view and its
+   base (:func:`version_of`). The only cheap way to see that a ``.grad`` view was written
+   in place by something other than autograd (``p.grad.copy_(g)``, DDP's averaged
+   gradients) without reading every gradient each step. No public API exposes it.
 """
 
 from __future__ import annotations
@@ -34,12 +38,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["StepCalls", "check", "impl_id", "is_scheduler_wrapper", "rearm_grad_hooks", "scheduler_step"]
+__all__ = [
+    "StepCalls", "check", "impl_id", "is_scheduler_wrapper", "rearm_grad_hooks", "scheduler_step",
+    "version_of",
+]
 
 _HOOKS_ATTRIBUTE = "_post_accumulate_grad_hooks"
 _IMPL_ATTRIBUTE = "_cdata"
 _SCHEDULER_MARK = "_wrapped_by_lr_sched"
 _SCHEDULER_FLAG = "_opt_called"
+_VERSION_ATTRIBUTE = "_version"
 
 
 def rearm_grad_hooks(param: Tensor) -> None:
@@ -51,6 +59,12 @@ def rearm_grad_hooks(param: Tensor) -> None:
 def impl_id(tensor: Tensor) -> int:
     """Identifies ``tensor``'s TensorImpl (changes when ``torch.utils.swap_tensors`` swaps it)."""
     return getattr(tensor, _IMPL_ATTRIBUTE)
+
+
+def version_of(tensor: Tensor) -> int:
+    """How many in-place writes ``tensor``'s data has had (any view of the same base
+    counts: they share the counter)."""
+    return getattr(tensor, _VERSION_ATTRIBUTE)
 
 
 def is_scheduler_wrapper(value: Any) -> bool:
@@ -102,6 +116,13 @@ def check() -> list[str]:
     torch.utils.swap_tensors(other, torch.nn.Parameter(torch.zeros(2)))
     if before is None or not isinstance(before, int) or impl_id(other) == before:
         problems.append(f"Tensor.{_IMPL_ATTRIBUTE} no longer tells a swapped TensorImpl apart")
+
+    base = torch.zeros(4)
+    view = base[2:]
+    before = version_of(base)
+    view.add_(1)
+    if version_of(base) == before or version_of(view) != version_of(base):
+        problems.append(f"Tensor.{_VERSION_ATTRIBUTE} no longer counts in-place writes through a view")
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)

@@ -7,11 +7,14 @@ and is called before the optimizer changes anything.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .penalties import auto_penalty
 
 PENALTIES = ("auto", "l1", "group", "none")
 BACKENDS = ("auto", "torch", "triton")
@@ -28,16 +31,13 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
-def resolve_penalty(penalty: str, param: Tensor) -> str:
-    """The penalty a parameter gets: ``"auto"`` is group for ≥3-D, l1 for 2-D, none else;
-    an empty tensor has nothing to penalise (``"none"``, whatever its group says)."""
+def resolve_penalty(penalty: str, param: Tensor, name: str | None = None) -> str:
+    """The penalty a parameter gets: its group's, or for ``"auto"`` what
+    :func:`.penalties.auto_penalty` makes of its name and shape (the optimizer also asks
+    its module, where it knows it); an empty tensor has nothing to penalise (``"none"``)."""
     if param.numel() == 0:
         return "none"
-    if penalty != "auto":
-        return penalty
-    if param.dim() >= 3:
-        return "group"
-    return "l1" if param.dim() == 2 else "none"
+    return auto_penalty(param, name) if penalty == "auto" else penalty
 
 
 def as_float(name: str, value: Any, read_device: bool = True) -> float | None:
@@ -66,6 +66,9 @@ def check_hyperparameters(group: Mapping[str, Any], where: str, read_device: boo
     if isinstance(group["momentum"], Tensor):
         # Whether a group keeps a momentum buffer is decided on the host, every step.
         raise TypeError(f"momentum ({where}) must be a number, not a tensor: {group['momentum']!r}")
+    for flag, why in _REFUSED_FLAGS.items():
+        if group.get(flag, False) is True:
+            raise ValueError(f"{where} has {flag}=True, which SLBI does not support: {why}")
     penalty = group["penalty"]
     if penalty not in PENALTIES:
         raise ValueError(f"Invalid penalty ({where}): {penalty!r}; expected one of {PENALTIES}")
@@ -90,9 +93,18 @@ def check_group_penalty(
 
 
 def check_parameter(param: Any, label: str) -> None:
-    """A dense, real floating-point tensor."""
+    """A dense, real floating-point tensor that is not a ``DTensor``."""
     if not isinstance(param, Tensor):
         raise TypeError(f"{label} is not a Tensor but {type(param).__name__}")
+    # A DTensor exists only once its module was imported: no import (and no cost) otherwise.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(param, dtensor.DTensor):
+        raise TypeError(
+            f"{label} is a DTensor (FSDP2's fully_shard, or tensor parallelism): SLBI keeps each "
+            "parameter, whole, in a flat local buffer and cannot step sharded parameters. Train with "
+            "DistributedDataParallel instead (SLBI over the model's parameters, DDP's default "
+            "gradient_as_bucket_view=False)"
+        )
     if param.is_complex():
         raise TypeError(f"{label} is complex ({param.dtype}); SLBI supports real parameters only")
     if not param.is_floating_point():
@@ -127,12 +139,83 @@ def check_gradient(grad: Tensor, label: str) -> None:
         raise TypeError(f"SLBI does not support complex gradients ({label}, dtype {grad.dtype})")
 
 
+_REFUSED_FLAGS = {
+    "maximize": "SLBI minimises; to maximise an objective, step on its negation (loss = -objective)",
+    "differentiable": (
+        "the step updates flat buffers in place under torch.no_grad() (fused kernels), so autograd "
+        "cannot differentiate through it"
+    ),
+}
+
+
+def fused_from_torch_options(
+    fused: Any, foreach: Any, maximize: Any = False, differentiable: Any = False
+) -> bool | None:
+    """torch.optim's implementation keywords, as ``SLBI`` runs them: ``fused=True`` the
+    fused kernels; ``foreach`` (``True`` or ``False``: SLBI has no per-tensor loop) the
+    multi-tensor torch ops, i.e. ``fused=False``; both ``True`` is refused, as in torch.
+    ``maximize`` and ``differentiable`` are accepted when ``False``.
+
+    Returns:
+        the ``fused`` the optimizer runs with (``None``: chosen per bucket).
+    """
+    for name, value in (("fused", fused), ("foreach", foreach)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be None, True or False, got {value!r}")
+    for name, why in _REFUSED_FLAGS.items():
+        value = {"maximize": maximize, "differentiable": differentiable}[name]
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+        if value:
+            raise ValueError(f"SLBI does not support {name}=True: {why}")
+    if fused and foreach:
+        raise ValueError("fused=True and foreach=True cannot be set together (as in torch.optim)")
+    if foreach is not None and not fused:
+        return False
+    return fused
+
+
 def check_state_dtype(state_dtype: Any) -> None:
     """``None`` (the parameters' dtype) or ``torch.bfloat16``."""
     if state_dtype not in (None, torch.bfloat16):
         raise ValueError(
             f"state_dtype must be None (the parameters' dtype) or torch.bfloat16, got {state_dtype!r}"
         )
+
+
+def check_options(backend: Any, state_dtype: Any, seed: Any) -> None:
+    """The optimizer's options other than hyper-parameters and torch's keywords."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
+    check_state_dtype(state_dtype)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}: {seed!r}")
+
+
+def group_params(raw: Any) -> tuple[list[Any], list[str | None], list[Any]]:
+    """A param group's ``"params"`` as torch.optim takes it (a tensor, or any ordered
+    iterable of parameters or ``(name, parameter)``): the items, names and tensors."""
+    if isinstance(raw, Tensor):
+        items = [raw]
+    elif isinstance(raw, (set, frozenset)):
+        raise TypeError("params must be an ordered collection, not a set")
+    else:
+        items = list(raw)
+    names = [item[0] if isinstance(item, tuple) else None for item in items]
+    tensors = [item[1] if isinstance(item, tuple) else item for item in items]
+    return items, names, tensors
+
+
+def check_names(names: list[Any], total: int) -> None:
+    """``assign_name``'s names: one string per parameter, none twice."""
+    if len(names) != total:
+        raise ValueError(f"assign_name got {len(names)} names for {total} parameters")
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise TypeError(f"names must be strings, got {bad[0]!r}")
+    if len(set(names)) != len(names):
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"assign_name got duplicate names: {duplicates}")
 
 
 def check_loaded_state(

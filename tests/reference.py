@@ -24,9 +24,11 @@ def prox_group(z: Tensor, lam: float) -> Tensor:
 
 
 def auto_penalty(shape: torch.Size) -> str:
-    if len(shape) >= 3:
-        return "group"
-    return "l1" if len(shape) == 2 else "none"
+    """Penalty "auto" for an unnamed tensor whose module is unknown: by shape; a tensor
+    with one "filter" (dim 0 is 1: a token or embedding) is not penalised."""
+    if len(shape) < 2 or shape[0] == 1:
+        return "none"
+    return "group" if len(shape) >= 3 else "l1"
 
 
 @dataclass

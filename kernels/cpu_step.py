@@ -6,8 +6,10 @@ g and v read once, W, Z, v written once, the next step's group norms summed in t
 pass. It is built on first use with the system C compiler (``$CC``, else ``cc``), as
 Inductor builds its CPU kernels, once per machine and variant, into a cache folder
 (``$SLBI_TRITON_CACHE_DIR``, else ``$XDG_CACHE_HOME/slbi_triton``, else
-``~/.cache/slbi_triton``). Where no compiler works, :func:`available` is ``False`` and the
-optimizer falls back to the Inductor-compiled torch update.
+``~/.cache/slbi_triton``). Which variant runs (prefetch, vector width) is measured on the
+machine by :mod:`.cpu_tune` the first time and kept there too (:func:`variant`). Where no
+compiler works, :func:`available` is ``False`` and the optimizer falls back to the
+Inductor-compiled torch update.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@
  *                    and the tile, in bytes of W (defaults 4096 and 512).
  * Built with -fno-trapping-math: without it GCC leaves the group-penalty loop of the
  * bfloat16 build scalar on CPUs without AVX-512 (it will not speculate the norm's square
- * past the NaN test of the rounding); 5-6 x slower on Zen 3. Results are unchanged.
+ * past the NaN test of the rounding): a 3.6 x slower ResNet-18 step on Zen 3. Results are
+ * unchanged: the kernel neither reads nor raises floating-point exceptions.
  */
 #include <stdint.h>
 #include <string.h>

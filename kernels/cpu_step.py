@@ -257,8 +257,8 @@ def _tune(dtype: torch.dtype, state_dtype: torch.dtype, compiler: list[str], cac
         with using_variant(name):
             launch(args, num_threads=1)
 
-    best, medians = cpu_tune.fastest({name: functools.partial(step, name) for name in names})
-    cpu_tune.write_choice(record, cpu_tune.parse(best), medians)
+    best, scores = cpu_tune.fastest({name: functools.partial(step, name) for name in names})
+    cpu_tune.write_choice(record, cpu_tune.parse(best), scores)
     logger.info("SLBI: the C kernel's variant for %s with %s state on %s: %s (tuned in %.2fs, kept in %s)",
                 dtype, state_dtype, cpu_tune.cpu_model(), best, time.perf_counter() - start, record)
     return best

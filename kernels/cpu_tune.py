@@ -12,7 +12,7 @@ is ``nopf`` or ``pf{ahead}-t{tile}`` (bytes of W), e.g. ``"v256-nopf"``,
 The first time a build (bucket dtype, state dtype) is needed on a machine, every
 :func:`candidates` variant is compiled and timed on a scratch bucket (:func:`scratch_bucket`,
 larger than the last-level cache of current CPUs, as the buffers of a ResNet are) in
-interleaved rounds, one thread (:func:`fastest`); the fastest median is kept in a JSON file
+interleaved rounds, one thread (:func:`fastest`); the fastest is kept in a JSON file
 beside the compiled kernels, keyed by the CPU model and flags, the compiler, the source and
 the candidates (:func:`choice_path`), so later processes read it. ``kernels/cpu_step.py``
 runs this; ``SLBI.kernels()`` reports the variant in use.
@@ -52,7 +52,7 @@ RELEVANT_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl
 """The CPU flags that decide which code the compiler emits for the kernel (benchmarks print them)."""
 PREFETCHES = ((0, 0), (1024, 256), (4096, 512), (16384, 1024))
 """The (ahead, tile) bytes the autotune tries; (0, 0): no software prefetch."""
-ROUNDS = 7
+ROUNDS = 9
 """Timed rounds of the autotune (after one warm-up round)."""
 
 _NAME = re.compile(r"^(v256|v512|vdef)-(?:(nopf)|pf(\d+)-t(\d+))$")
@@ -189,7 +189,8 @@ def choice_path(cache_dir: Path, build: str, parts: Sequence[str]) -> Path:
     """The file that keeps the choice for one build (e.g. ``"float_bf16"``): its name holds
     a hash of ``parts`` (source, flags, compiler, CPU; see ``cpu_step``), of the candidates
     and of the timing protocol, so a change of any of them tunes again."""
-    protocol = [*parts, *(v.name for v in candidates()), f"rounds={ROUNDS}", f"scratch={SCRATCH_ROWS}"]
+    protocol = [*parts, *(v.name for v in candidates()), f"rounds={ROUNDS}, ratio to the round's median",
+                f"scratch={SCRATCH_ROWS}"]
     key = hashlib.sha256("\0".join(protocol).encode()).hexdigest()[:24]
     return cache_dir / f"slbi_step_cpu_{build}_{key}.tune.json"
 
@@ -203,12 +204,12 @@ def read_choice(path: Path) -> Variant | None:
         return None
 
 
-def write_choice(path: Path, chosen: Variant, medians: Mapping[str, float]) -> None:
-    """Keep the choice and the timings behind it (written under a temporary name, then
-    renamed: a concurrent reader sees the old file or the new one)."""
+def write_choice(path: Path, chosen: Variant, scores: Mapping[str, float]) -> None:
+    """Keep the choice and the scores behind it (:func:`fastest`; written under a
+    temporary name, then renamed: a concurrent reader sees the old file or the new one)."""
     record = {
         "variant": chosen.name,
-        "median_s": dict(medians),
+        "score": dict(scores),
         "cpu": cpu_model(),
         "flags": sorted(cpu_flags() & set(RELEVANT_FLAGS)),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -230,19 +231,19 @@ def scratch_bucket(dtype: torch.dtype, state_dtype: torch.dtype) -> abi.BucketAr
     """A bucket shaped like a ResNet's buffers for the autotune: :data:`SCRATCH_ROWS`
     filters of 1152 elements under the group penalty, a 1000×512 l1 layer and 4096
     unpenalised elements, all with momentum, on huge pages as the optimizer's own buffers
-    are; small random values (no NaN, no subnormals)."""
+    are. The values are constants (no NaN, no subnormals): the kernel's time does not
+    depend on them, and random ones would take longer to make than the timing."""
     from .. import hugepages  # the package's allocator; imported here: it imports no kernel
 
     rows = SCRATCH_ROWS
     spans = _scratch_spans(rows)
     numel = spans[-1].offset + spans[-1].numel
-    generator = torch.Generator().manual_seed(0)
     cpu = torch.device("cpu")
-    buffers = []
-    for lane, buffer_dtype in enumerate((dtype, dtype, state_dtype, state_dtype)):
-        buffer = hugepages.zeros(numel, buffer_dtype, cpu, lane)
-        buffer.copy_(torch.randn(numel, generator=generator).mul_(0.01))
-        buffers.append(buffer)
+    buffers = [
+        hugepages.zeros(numel, buffer_dtype, cpu, lane).fill_(value)
+        for lane, (buffer_dtype, value) in enumerate(
+            ((dtype, 0.01), (dtype, 0.001), (state_dtype, 0.005), (state_dtype, -0.002)))
+    ]
     hparams = {"lr": 0.01, "kappa": 1.0, "mu": 100.0, "lam": 0.01, "momentum": 0.9, "dampening": 0.0,
                "weight_decay": 0.0}
     return abi.BucketArgs(
@@ -273,19 +274,25 @@ def _scratch_spans(rows: int) -> list[_Span]:
 
 
 def fastest(steps: Mapping[str, Callable[[], object]], rounds: int = ROUNDS) -> tuple[str, dict[str, float]]:
-    """The name of the step with the smallest median time, and every step's median
-    (seconds), from one warm-up round and ``rounds`` timed rounds; each round calls every
-    step once, in an order rotated by one per round, so that load from other processes
-    falls on all of them alike."""
+    """The name of the fastest step, and every step's score: the median over ``rounds``
+    timed rounds (after one warm-up round) of its time divided by the median time of
+    that round. Each round calls every step once, in an order rotated by one per round.
+    On a busy machine, load from other processes comes and goes over tens of
+    milliseconds: the steps of one round see about the same load, and a ratio within a
+    round cancels it where the median or the minimum of raw times (each of a few ms)
+    picked the wrong variant in one run out of four. Ties go to the earlier name."""
     names = list(steps)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds + 1):
         shift = index % len(names)
+        times = {}
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
             steps[name]()
-            if index:
-                samples[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(times) for name, times in samples.items()}
-    return min(names, key=lambda name: (medians[name], names.index(name))), medians
-
+            times[name] = time.perf_counter() - start
+        if index:
+            typical = statistics.median(times.values())
+            for name in names:
+                ratios[name].append(times[name] / typical)
+    scores = {name: statistics.median(values) for name, values in ratios.items()}
+    return min(names, key=lambda name: (scores[name], names.index(name))), scores

@@ -26,7 +26,7 @@
  * before a tile, prefetches the lines of W, g, Z and v SLBI_PREFETCH_BYTES bytes of W
  * further on; the vector width is a compiler flag (-mprefer-vector-width). What wins
  * depends on the CPU: on one Intel Xeon the bfloat16-state step was 10-14 % faster with
- * 4 KiB prefetched ahead in 512-byte tiles, on AMD EPYC (Zen 3, Zen 4) 10-50 % slower.
+ * 4 KiB prefetched ahead in 512-byte tiles, on AMD EPYC (Zen 3, Zen 4) 5-50 % slower.
  * The tiles change the order of a group norm's sum, nothing else.
  *
  * Build parameters:

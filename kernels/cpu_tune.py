@@ -26,9 +26,9 @@ Environment:
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
-import logging
 import os
 import platform
 import re
@@ -42,8 +42,6 @@ from pathlib import Path
 import torch
 
 from . import abi
-
-logger = logging.getLogger(__name__)
 
 FORCE_ENV = "SLBI_TRITON_CPU_VARIANT"
 AUTOTUNE_ENV = "SLBI_TRITON_AUTOTUNE"
@@ -154,6 +152,7 @@ def enabled() -> bool:
 # -- the CPU ------------------------------------------------------------------------------
 
 
+@functools.cache
 def _cpuinfo(field: str) -> str | None:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:

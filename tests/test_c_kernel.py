@@ -222,11 +222,9 @@ def fresh_build(tmp_path, monkeypatch):
     monkeypatch.setenv("SLBI_TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv(cpu_tune.AUTOTUNE_ENV, "0")
     monkeypatch.delenv(cpu_tune.FORCE_ENV, raising=False)
-    cpu_step._library.cache_clear()
-    cpu_step._chosen.cache_clear()
+    cpu_step._forget()
     yield tmp_path
-    cpu_step._library.cache_clear()
-    cpu_step._chosen.cache_clear()
+    cpu_step._forget()
 
 
 def _train(fused: bool | None = True) -> list[torch.Tensor]:
@@ -245,8 +243,7 @@ def test_build_is_cached_on_disk(fresh_build) -> None:
     built = sorted(fresh_build.glob("slbi_step_cpu_float_*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    cpu_step._library.cache_clear()
-    cpu_step._chosen.cache_clear()
+    cpu_step._forget()
     assert cpu_step.available(torch.float32)
     assert sorted(fresh_build.glob("*.so")) == built and built[0].stat().st_mtime_ns == stamp
     assert cpu_step.available(torch.float32, torch.bfloat16)
@@ -292,8 +289,7 @@ def test_compiler_without_openmp_builds_once(fresh_build, monkeypatch) -> None:
     assert cpu_step.available(torch.float32)
     builds = [line for line in log.read_text().splitlines() if "-shared" in line]
     assert len(builds) == 2 and "-fopenmp" in builds[0] and "-fopenmp" not in builds[1]
-    cpu_step._library.cache_clear()  # as a new process would
-    cpu_step._chosen.cache_clear()
+    cpu_step._forget()  # as a new process would
     assert cpu_step.available(torch.float32)
     assert len([line for line in log.read_text().splitlines() if "-shared" in line]) == 2
     bucket = random_bucket(SHAPES, PENALTIES)

@@ -36,18 +36,18 @@ def unchosen(monkeypatch):
         return fastest(steps, *args)
 
     monkeypatch.setattr(cpu_tune, "fastest", spy)
-    cpu_step._chosen.cache_clear()
+    cpu_step._forget()
     yield timed
-    cpu_step._chosen.cache_clear()
+    cpu_step._forget()
 
 
 @pytest.fixture
 def fresh(tmp_path, monkeypatch, unchosen):
     """``unchosen``, with an empty cache folder and nothing loaded (builds again)."""
     monkeypatch.setenv("SLBI_TRITON_CACHE_DIR", str(tmp_path))
-    cpu_step._library.cache_clear()
+    cpu_step._forget()
     yield tmp_path, unchosen
-    cpu_step._library.cache_clear()
+    cpu_step._forget()
 
 
 def _slbi() -> SLBI:
@@ -125,10 +125,10 @@ def test_autotune_runs_once_and_is_kept(fresh, monkeypatch) -> None:
     kept = json.loads(record.read_text())
     assert kept["variant"] == chosen and sorted(kept["score"]) == timed[0]
     assert kept["cpu"] == cpu_tune.cpu_model()
-    cpu_step._chosen.cache_clear()  # as a new process would
+    cpu_step._forget()  # as a new process would
     assert cpu_step.variant(torch.float32) == chosen and len(timed) == 1
     record.write_text("{")
-    cpu_step._chosen.cache_clear()
+    cpu_step._forget()
     assert cpu_step.variant(torch.float32) in timed[0] and len(timed) == 2
 
 

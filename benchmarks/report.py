@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from slbi_triton.kernels import cpu_step, cpu_tune
 
 from benchmarks.accounting import set_stats
 from benchmarks.contenders import (
@@ -325,8 +326,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The C kernel's one-off build; afterwards it loads from the disk cache, so the
         # tables' first step omits it.
         built = meta["cpu_kernel_build_s"] = cpu_kernel_build_seconds()
-        say("# CPU kernel build (float32, empty cache): "
+        say("# CPU kernel build (float32, one variant, empty cache): "
             + ("no C compiler" if built is None else f"{built:.2f}s"))
+        # The variants the C kernel runs here (autotuned on first use, before any timing).
+        meta["cpu"] = cpu_tune.describe()
+        meta["cpu_variants"] = {str(state): cpu_step.variant(torch.float32, state)
+                                for state in (torch.float32, torch.bfloat16)}
+        say(f"# CPU: {meta['cpu']}; {_variants_text(meta)}")
     bench_sets(run, specs_from(args, settings), contenders, parse_only(args.only), settings, copy_bw)
     if not args.no_train:
         bench_training(run, contenders, settings)
@@ -339,8 +345,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         head = (f"{meta['date']}, {meta['device']}: {meta['machine']}, torch {meta['torch']}, "
                 f"commit {meta['commit']}, copy floor {copy_bw / 1e9:.1f} GB/s")
+        if "cpu" in meta:
+            head += f"\n\nCPU: {meta['cpu']}; {_variants_text(meta)}"
         args.markdown.write_text(head + "\n\n" + tables_text(run, markdown=True) + "\n")
     return 1 if args.fail_on_target and any(t.passed is False for t in run.targets()) else 0
+
+
+def _variants_text(meta: dict[str, Any]) -> str:
+    """``C kernel variants: float32 state v256-nopf, bfloat16 state ...``"""
+    chosen = [f"{state.removeprefix('torch.')} state {name or 'none (no C kernel)'}"
+              for state, name in meta["cpu_variants"].items()]
+    return "C kernel variants: " + ", ".join(chosen)
 
 
 def _triton_version() -> str:

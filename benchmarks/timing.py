@@ -85,8 +85,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int =
 
 
 def cpu_kernel_build_seconds() -> float | None:
-    """Seconds to build the SLBI CPU kernel (float32) into an empty cache folder: the
-    one-off cost the first step pays on a new machine; ``None`` without a C compiler."""
+    """Seconds to build one variant of the SLBI CPU kernel (float32) into an empty cache
+    folder; ``None`` without a C compiler. The first use on a new machine pays this once
+    per candidate variant, then the autotune's timing (``kernels/cpu_tune.py``)."""
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
         built = cpu_step.build(torch.float32, torch.float32, Path(scratch))

@@ -6,12 +6,17 @@ g and v read once, W, Z, v written once, the next step's group norms summed in t
 pass. It is built on first use with the system C compiler (``$CC``, else ``cc``), as
 Inductor builds its CPU kernels, once per machine and variant, into a cache folder
 (``$SLBI_TRITON_CACHE_DIR``, else ``$XDG_CACHE_HOME/slbi_triton``, else
-``~/.cache/slbi_triton``). Where no compiler works, :func:`available` is ``False`` and the
-optimizer falls back to the Inductor-compiled torch update.
+``~/.cache/slbi_triton``). Which variant runs (prefetch, vector width) is measured on the
+machine by :mod:`.cpu_tune` the first time and kept there too (:func:`variant`). Where no
+compiler works, :func:`available` is ``False`` and the optimizer falls back to the
+Inductor-compiled torch update.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -23,12 +28,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from . import abi
+from . import abi, cpu_tune
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +46,20 @@ STATE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16), torch.float64: (
 """Per bucket dtype, the dtypes its Z and momentum may be stored in (bfloat16: with
 stochastic rounding)."""
 
-PREFETCH_MIN_NUMEL: dict[torch.dtype, int] = {torch.bfloat16: 1 << 20}
-"""By state dtype, the bucket size from which the C kernel walks spans in tiles with
-software prefetch (see ``slbi_step_cpu.c``); a state dtype not listed never does. The
-bfloat16-state loop (hash, conversions) is long enough per element that the hardware
-prefetcher falls behind; the float32-state loop keeps it ahead on huge pages and was
-slower with the prefetch (``python -m benchmarks.cpu_ablation``). Read at every launch;
+PREFETCH_MIN_NUMEL: dict[torch.dtype, int] = dict.fromkeys((torch.float32, torch.float64, torch.bfloat16),
+                                                           1 << 20)
+"""By state dtype, the bucket size from which a variant with software prefetch
+(:mod:`.cpu_tune`) walks spans in prefetched tiles (see ``slbi_step_cpu.c``): smaller
+buckets stay in the caches. A state dtype not listed never does. Read at every launch;
 W, Z and v are the same bits either way."""
 NO_PREFETCH = 2**63 - 1
 
-_OPTIMISE = ["-O3", "-march=native", "-ffp-contract=off", "-std=c11", "-fPIC", "-shared"]
-# For bfloat16 state, 512-bit vectors where the CPU has them (GCC prefers 256 by default):
-# its 16-bit packs and hash run at about twice the speed. float32 state gains nothing from
-# them, and small tensors lose a little (longer masked tails).
-_WIDE_VECTORS = ["-mprefer-vector-width=512"]
+# -fno-trapping-math: see slbi_step_cpu.c (without it, GCC leaves a loop scalar on AVX2).
+_OPTIMISE = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-std=c11", "-fPIC",
+             "-shared"]
 _BUILD_LOCK = threading.Lock()
+_TUNE_LOCK = threading.Lock()
+_USING: contextvars.ContextVar[str | None] = contextvars.ContextVar("slbi_cpu_variant", default=None)
 
 
 def _defines(scalar: str, state_bf16: bool) -> list[str]:
@@ -88,47 +94,57 @@ def default_cache_dir() -> Path:
 
 def _machine_key() -> str:
     """What ``-march=native`` depends on: the CPU model and its feature flags."""
-    described = [platform.machine()]
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            wanted = ("model name", "flags", "Features")
-            described += [line for line in cpuinfo if line.startswith(wanted)][:2]
-    except OSError:
-        described.append(platform.processor())
-    return "".join(described)
+    return "\n".join([platform.machine(), cpu_tune.cpu_model(), " ".join(sorted(cpu_tune.cpu_flags()))])
 
 
-def build(dtype: torch.dtype, state_dtype: torch.dtype, cache_dir: Path | None = None) -> Path | None:
-    """Compile the kernel for buckets of ``dtype`` with Z and v in ``state_dtype`` into
-    ``cache_dir`` (default: :func:`default_cache_dir`), unless a build for the same
-    source, flags, compiler and CPU is there already. Returns the shared library's path,
-    or ``None`` (with a logged warning) when no compiler works or the cache folder cannot
-    be written."""
+def _build_name(dtype: torch.dtype, state_dtype: torch.dtype) -> str:
+    return f"{SCALARS[dtype]}_bf16" if state_dtype == torch.bfloat16 else SCALARS[dtype]
+
+
+def build(
+    dtype: torch.dtype, state_dtype: torch.dtype, cache_dir: Path | None = None, variant: str | None = None
+) -> Path | None:
+    """Compile variant ``variant`` (default :data:`.cpu_tune.DEFAULT`) of the kernel for
+    buckets of ``dtype`` with Z and v in ``state_dtype`` into ``cache_dir`` (default:
+    :func:`default_cache_dir`), unless a build for the same source, flags, compiler and
+    CPU is there already. Returns the shared library's path, or ``None`` (with a logged
+    warning) when no compiler works or the cache folder cannot be written.
+
+    Raises:
+        ValueError: ``variant`` is not a variant this CPU can run.
+    """
+    chosen = cpu_tune.parse(variant) if variant is not None else cpu_tune.DEFAULT
     compiler = _compiler()
     if compiler is None:
         logger.warning("SLBI: no C compiler found ($CC, cc, gcc); the CPU step uses Inductor instead")
         return None
     try:
         state_bf16 = state_dtype == torch.bfloat16
-        return _build_with(compiler, SCALARS[dtype], state_bf16, cache_dir or default_cache_dir())
+        return _build_with(compiler, SCALARS[dtype], state_bf16, cache_dir or default_cache_dir(), chosen)
     except (OSError, subprocess.SubprocessError) as error:
         logger.warning("SLBI: cannot build the C kernel with %r (%s); the CPU step uses Inductor",
                        compiler, error)
         return None
 
 
-def _build_with(compiler: list[str], scalar: str, state_bf16: bool, cache_dir: Path) -> Path | None:
-    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+def _compiler_version(compiler: list[str]) -> str:
+    return subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+
+
+def _build_with(
+    compiler: list[str], scalar: str, state_bf16: bool, cache_dir: Path, variant: cpu_tune.Variant
+) -> Path | None:
+    version = _compiler_version(compiler)
     source = SOURCE.read_bytes()
     # With OpenMP first; a compiler without it still builds the kernel, single-threaded.
     candidates = []
     for parallel in (["-fopenmp"], []):
-        flags = [*_OPTIMISE, *(_WIDE_VECTORS if state_bf16 else []), *parallel, *_defines(scalar, state_bf16)]
+        flags = [*_OPTIMISE, *variant.flags(), *parallel, *_defines(scalar, state_bf16)]
         key = hashlib.sha256(
             b"\0".join([source, " ".join(flags).encode(), version.encode(), _machine_key().encode()])
         ).hexdigest()[:24]
-        variant = f"{scalar}_bf16" if state_bf16 else scalar
-        candidates.append((flags, cache_dir / f"slbi_step_cpu_{variant}_{key}.so"))
+        name = f"{scalar}_bf16" if state_bf16 else scalar
+        candidates.append((flags, cache_dir / f"slbi_step_cpu_{name}_{variant.name}_{key}.so"))
     for _, target in candidates:
         if target.exists():  # also the single-threaded build: no retry of a failing -fopenmp
             return target
@@ -150,9 +166,9 @@ def _build_with(compiler: list[str], scalar: str, state_bf16: bool, cache_dir: P
 
 
 @functools.cache
-def _library(dtype: torch.dtype, state_dtype: torch.dtype) -> ctypes.CDLL | None:
+def _library(dtype: torch.dtype, state_dtype: torch.dtype, variant: str) -> ctypes.CDLL | None:
     with _BUILD_LOCK:
-        path = build(dtype, state_dtype)
+        path = build(dtype, state_dtype, variant=variant)
     if path is None:
         return None
     try:
@@ -168,11 +184,95 @@ def _library(dtype: torch.dtype, state_dtype: torch.dtype) -> ctypes.CDLL | None
     return library
 
 
+def variant(dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> str | None:
+    """The variant of the C kernel (:mod:`.cpu_tune`) that launches for buckets of
+    ``dtype`` with ``state_dtype`` state run: the one :func:`using_variant` names, else
+    ``$SLBI_TRITON_CPU_VARIANT``, else the autotuned one (tuned on first use, then read
+    from the cache folder), or :data:`.cpu_tune.DEFAULT` with ``SLBI_TRITON_AUTOTUNE=0``.
+    ``None`` where the kernel cannot be built for these dtypes.
+
+    Raises:
+        ValueError: ``$SLBI_TRITON_CPU_VARIANT`` is not a variant this CPU can run.
+    """
+    state_dtype = state_dtype or dtype
+    if state_dtype not in STATE_DTYPES.get(dtype, ()):
+        return None
+    return _USING.get() or _chosen(dtype, state_dtype)
+
+
+@contextlib.contextmanager
+def using_variant(name: str) -> Iterator[None]:
+    """Launches in this context (this thread or task) run variant ``name``: for tests and
+    benchmarks that compare variants side by side in one process.
+
+    Raises:
+        ValueError: ``name`` is not a variant this CPU can run.
+    """
+    token = _USING.set(cpu_tune.parse(name).name)
+    try:
+        yield
+    finally:
+        _USING.reset(token)
+
+
+@functools.cache
+def _chosen(dtype: torch.dtype, state_dtype: torch.dtype) -> str | None:
+    """The forced, cached or autotuned variant of a build, chosen once per process."""
+    forced = cpu_tune.forced()
+    if forced is not None:
+        return forced.name
+    if not cpu_tune.enabled():
+        return cpu_tune.DEFAULT.name
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("SLBI: no C compiler found ($CC, cc, gcc); the CPU step uses Inductor instead")
+        return None
+    try:
+        with _TUNE_LOCK:
+            return _tune(dtype, state_dtype, compiler, default_cache_dir())
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.warning("SLBI: cannot tune the C kernel (%s); the CPU step uses Inductor", error)
+        return None
+
+
+def _tune(dtype: torch.dtype, state_dtype: torch.dtype, compiler: list[str], cache_dir: Path) -> str | None:
+    """The cached choice for this build, else the fastest of :func:`.cpu_tune.candidates`
+    on :func:`.cpu_tune.scratch_bucket` (each built first), kept in the cache folder."""
+    parts = [SOURCE.read_text(), " ".join(_OPTIMISE), _compiler_version(compiler), _machine_key()]
+    record = cpu_tune.choice_path(cache_dir, _build_name(dtype, state_dtype), parts)
+    kept = cpu_tune.read_choice(record)
+    if kept is not None:
+        return kept.name
+    names = [candidate.name for candidate in cpu_tune.candidates()]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        built = list(pool.map(lambda name: build(dtype, state_dtype, cache_dir, name), names))
+    names = [name for name, path in zip(names, built, strict=True) if path is not None]
+    names = [name for name in names if _library(dtype, state_dtype, name) is not None]
+    if len(names) < 2:
+        return names[0] if names else None
+    start = time.perf_counter()
+    args = cpu_tune.scratch_bucket(dtype, state_dtype)
+
+    def step(name: str) -> None:
+        with using_variant(name):
+            launch(args, num_threads=1)
+
+    best, scores = cpu_tune.fastest({name: functools.partial(step, name) for name in names})
+    cpu_tune.write_choice(record, cpu_tune.parse(best), scores)
+    logger.info("SLBI: the C kernel's variant for %s with %s state on %s: %s (tuned in %.2fs, kept in %s)",
+                dtype, state_dtype, cpu_tune.cpu_model(), best, time.perf_counter() - start, record)
+    return best
+
+
 def available(dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> bool:
     """Whether the C kernel exists (or can be built here) for buckets of ``dtype`` with Z
-    and v in ``state_dtype`` (default: ``dtype``)."""
-    state_dtype = state_dtype or dtype
-    return state_dtype in STATE_DTYPES.get(dtype, ()) and _library(dtype, state_dtype) is not None
+    and v in ``state_dtype`` (default: ``dtype``); builds (and tunes) it on first use.
+
+    Raises:
+        ValueError: ``$SLBI_TRITON_CPU_VARIANT`` is not a variant this CPU can run.
+    """
+    name = variant(dtype, state_dtype)
+    return name is not None and _library(dtype, state_dtype or dtype, name) is not None
 
 
 def launch(args: abi.BucketArgs, num_threads: int | None = None) -> None:
@@ -234,10 +334,28 @@ def _library_for(dtype: torch.dtype, state_dtype: torch.dtype, stochastic_roundi
             f"the C kernel stores {state_dtype} state of a {dtype} bucket "
             f"{'with' if state_dtype == torch.bfloat16 else 'without'} stochastic rounding"
         )
-    library = _library(dtype, state_dtype) if state_dtype in STATE_DTYPES.get(dtype, ()) else None
+    key = (dtype, state_dtype, _USING.get())
+    library = _LAUNCHED.get(key)
     if library is None:
-        raise RuntimeError(f"the SLBI CPU kernel is not available for {dtype} with {state_dtype} state")
+        name = variant(dtype, state_dtype)
+        library = _library(dtype, state_dtype, name) if name is not None else None
+        if library is None:
+            raise RuntimeError(f"the SLBI CPU kernel is not available for {dtype} with {state_dtype} state")
+        _LAUNCHED[key] = library
     return library
+
+
+_LAUNCHED: dict[tuple[torch.dtype, torch.dtype, str | None], ctypes.CDLL] = {}
+"""The library launches run, by (dtype, state dtype, :func:`using_variant`'s name): one
+dict lookup per launch instead of the two cached calls behind it (1-2 µs, against a
+LeNet-5 step of 35 µs)."""
+
+
+def _forget() -> None:
+    """Forget every loaded library and chosen variant, as a new process would (tests)."""
+    _library.cache_clear()
+    _chosen.cache_clear()
+    _LAUNCHED.clear()
 
 
 def _check_buffers(*buffers: tuple[Tensor | None, str, torch.dtype, int | None]) -> None:

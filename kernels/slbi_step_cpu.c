@@ -19,16 +19,15 @@
  * once and W, Z, v written once. Each chunk owns whole rows: the result does not depend
  * on the number of threads.
  *
- * Buckets of at least prefetch_min_numel elements (an argument: 2**20 for bfloat16 state,
- * never for float32 state, see cpu_step.PREFETCH_MIN_NUMEL) are walked span by span in
- * tiles of TILE elements (512 bytes of W), and before a tile the lines of W, g, Z, v
- * PREFETCH_AHEAD elements (4 KiB of W) further on are prefetched. On one core the
- * hardware prefetcher alone leaves the bfloat16-state loop (hash, conversions) waiting
- * on memory: without the prefetch its ResNet-18/50 step is 10-14 % slower; the lighter
- * float32-state loop was 2-9 % slower with it (python -m benchmarks.cpu_ablation,
- * 1 thread, huge pages). Small bursts matter: tiles of 4 times the size were slower
- * than none. Neither walk changes W, Z or v; the tiles change the order of a group
- * norm's sum.
+ * Variants (chosen per machine by kernels/cpu_tune.py, which times them; every variant
+ * writes the same W, Z and v): in buckets of at least prefetch_min_numel elements (an
+ * argument, cpu_step.PREFETCH_MIN_NUMEL: smaller ones stay in the caches), a build with
+ * SLBI_PREFETCH_BYTES > 0 walks each span in tiles of SLBI_TILE_BYTES bytes of W and,
+ * before a tile, prefetches the lines of W, g, Z and v SLBI_PREFETCH_BYTES bytes of W
+ * further on; the vector width is a compiler flag (-mprefer-vector-width). What wins
+ * depends on the CPU: on one Intel Xeon the bfloat16-state step was 10-14 % faster with
+ * 4 KiB prefetched ahead in 512-byte tiles, on AMD EPYC (Zen 3, Zen 4) 5-50 % slower.
+ * The tiles change the order of a group norm's sum, nothing else.
  *
  * Build parameters:
  *   SLBI_SCALAR      the bucket's dtype (float or double); the arithmetic runs in it and
@@ -36,6 +35,12 @@
  *   SLBI_STATE_BF16  1: Z and v are stored as bfloat16 (uint16_t bits) and written back
  *                    with stochastic rounding ("Stochastic rounding" in docs/design.md),
  *                    the random bits a hash of (seed, step, element index).
+ *   SLBI_PREFETCH_BYTES, SLBI_TILE_BYTES  the prefetch distance (0: no software prefetch)
+ *                    and the tile, in bytes of W (defaults 4096 and 512).
+ * Built with -fno-trapping-math: without it GCC leaves the group-penalty loop of the
+ * bfloat16 build scalar on CPUs without AVX-512 (it will not speculate the norm's square
+ * past the NaN test of the rounding): a 3.6 x slower ResNet-18 step on Zen 3. Results are
+ * unchanged: the kernel neither reads nor raises floating-point exceptions.
  */
 #include <stdint.h>
 #include <string.h>
@@ -54,13 +59,20 @@ enum { V_NONE = 0, V_FIRST = 1, V_HISTORY = 2 }; /* no buffer; v = u; v = rho*v 
 typedef struct {
     scalar_t lr_kappa, lr_over_mu, kappa, inv_mu, lam, rho, one_minus_d, wd, scale;
     uint32_t seed, step_mix; /* step_mix = step * 0xC2B2AE3D */
-    int prefetch;            /* numel >= prefetch_min_numel: tiles and software prefetch */
+    int prefetch;            /* tiles and software prefetch: see slbi_bucket_step */
 } coefficients;
 
+#ifndef SLBI_TILE_BYTES
+#define SLBI_TILE_BYTES 512
+#endif
+#ifndef SLBI_PREFETCH_BYTES
+#define SLBI_PREFETCH_BYTES 4096
+#endif
+
 enum {
-    TILE = 512 / (int)sizeof(scalar_t),            /* elements per prefetched tile: 8 lines of W */
-    PREFETCH_AHEAD = 4096 / (int)sizeof(scalar_t), /* how far ahead, in elements: 4 KiB of W */
-    MAX_BLOCK = 1 << 30,                           /* an int32 loop's length, without prefetch */
+    TILE = SLBI_TILE_BYTES / (int)sizeof(scalar_t),               /* elements per prefetched tile */
+    PREFETCH_AHEAD = SLBI_PREFETCH_BYTES / (int)sizeof(scalar_t), /* how far ahead, in elements */
+    MAX_BLOCK = 1 << 30, /* an int32 loop's length, without prefetch */
 };
 
 /* The counter-based hash of docs/design.md: 32 random bits per (seed, step, index), split
@@ -210,17 +222,23 @@ static inline __attribute__((always_inline)) scalar_t update_span(
 }
 
 /* update_span over [first, first + n), cut where the flat index crosses a multiple of
- * 2**32 (the hash's high bits change there; only buckets past 16 GiB have one). */
+ * 2**32 (the hash's high bits change there; only buckets past 16 GiB have one). One call
+ * site of update_span in a loop, not one per piece: each inlined copy of the loops costs
+ * compile time, and the autotune compiles several variants. */
 static inline __attribute__((always_inline)) scalar_t update_range(
     scalar_t *w, const scalar_t *g, state_t *z, state_t *v, int64_t first, int64_t n, const int penalty,
     const int v_mode, const coefficients c, scalar_t shrink)
 {
-    const int64_t room = (int64_t)((((uint64_t)first >> 32) + 1) << 32) - first;
-    if (!SLBI_STATE_BF16 || n <= room)
-        return update_span(w, g, z, v, first, n, penalty, v_mode, c, shrink);
-    return update_span(w, g, z, v, first, room, penalty, v_mode, c, shrink)
-           + update_span(w + room, g + room, z + room, v_mode == V_NONE ? 0 : v + room, first + room, n - room,
-                         penalty, v_mode, c, shrink);
+    scalar_t sq_sum = 0;
+    while (n > 0) {
+        const int64_t room = SLBI_STATE_BF16 ? (int64_t)((((uint64_t)first >> 32) + 1) << 32) - first : n;
+        const int64_t len = n < room ? n : room;
+        sq_sum += update_span(w, g, z, v_mode == V_NONE ? 0 : v, first, len, penalty, v_mode, c, shrink);
+        w += len, g += len, z += len, first += len, n -= len;
+        if (v_mode != V_NONE)
+            v += len;
+    }
+    return sq_sum;
 }
 
 typedef struct {
@@ -283,7 +301,8 @@ static int64_t slbi_check_chunks(const void *chunks, int wide, int64_t num_chunk
 /* Updates the bucket and counts the step (rng[RNG_STEP] += 1), or does nothing when
  * *found_inf != 0 (inf/NaN gradients under torch.amp.GradScaler). inv_scale and found_inf
  * may be NULL; chunks are int64 when wide_chunks, else int32; buckets of at least
- * prefetch_min_numel elements take the tiled, prefetching walk. Returns -1, or the index
+ * prefetch_min_numel elements take the tiled, prefetching walk where the build has one
+ * (SLBI_PREFETCH_BYTES > 0). Returns -1, or the index
  * of the first chunk that reaches outside the buffers (then nothing was written). */
 int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v, scalar_t *norms,
                          const void *chunks, int wide_chunks, int64_t num_chunks, const int32_t *slot_flags,
@@ -324,7 +343,7 @@ int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v,
             .scale = scale,
             .seed = seed,
             .step_mix = step_mix,
-            .prefetch = numel >= prefetch_min_numel,
+            .prefetch = SLBI_PREFETCH_BYTES > 0 && numel >= prefetch_min_numel,
         };
         const int v_mode = hp[HP_USE_MOMENTUM] == 0.0 || v == 0 ? V_NONE
                            : (flags & FLAG_MOMENTUM_READY) ? V_HISTORY

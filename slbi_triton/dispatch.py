@@ -42,6 +42,8 @@ class KernelInfo:
         device, dtype: the bucket's device and parameter dtype.
         state_dtype: the dtype Z and the momentum buffer are stored in.
         params: the parameters' names (their index where unnamed), in parameter order.
+        variant: for ``"c"``, the C kernel's variant (autotuned per machine, see
+            ``kernels/cpu_tune.py``), e.g. ``"v256-nopf"``; ``None`` for the others.
     """
 
     kernel: str
@@ -49,6 +51,12 @@ class KernelInfo:
     dtype: torch.dtype
     state_dtype: torch.dtype
     params: tuple[str | int, ...]
+    variant: str | None = None
+
+
+def kernel_variant(kernel: str, dtype: torch.dtype, state_dtype: torch.dtype) -> str | None:
+    """``KernelInfo.variant`` of a bucket that ``kernel`` updates."""
+    return cpu_step.variant(dtype, state_dtype) if kernel == "c" else None
 
 
 class HparamTables:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import checkpoint, torch_private
+from . import checkpoint, dispatch, torch_private
 from .buckets import FlatBucket
 from .dispatch import BucketKernel, HparamTables, KernelInfo, amp_inputs_for, check_backend, choose_kernel
 from .names import drop_tied
@@ -296,6 +296,7 @@ class SLBI(Optimizer):
                 bucket.kernel.name, bucket.device, bucket.dtype, bucket.state_dtype,
                 tuple(slot.name if slot.name is not None else slot.index for slot in sorted(
                     bucket.slots, key=lambda s: s.index)),
+                dispatch.kernel_variant(bucket.kernel.name, bucket.dtype, bucket.state_dtype),
             )
             for bucket in self._storage.buckets
         ]

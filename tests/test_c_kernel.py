@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from slbi_triton.kernels import abi, cpu_step, ops
+from slbi_triton.kernels import abi, cpu_step, cpu_tune, ops
 from torch import nn
 
 from slbi_triton import SLBI
@@ -55,46 +55,49 @@ def assert_reference_step(bucket: Bucket, expected: Bucket) -> None:
     expected.group_norms.copy_(norms)
 
 
-# Past 2**20 elements, the bfloat16 build's threshold for walking spans in prefetched
-# tiles: rows shorter than a tile, rows of one tile plus a ragged end, a long l1 tensor
-# with a tail.
+def variants() -> list[str]:
+    """The variants the autotune picks from on this CPU, the default, and one with tiles of
+    one cache line (a group row then spans many tiles, each with its own partial sum)."""
+    names = [v.name for v in cpu_tune.candidates()] + [cpu_tune.DEFAULT.name]
+    return [*sorted(set(names)), f"{cpu_tune.DEFAULT.name.split('-')[0]}-pf256-t64"]
+
+
+@pytest.mark.parametrize("variant", variants())
+@pytest.mark.parametrize(("dtype", "state_dtype"), BUILDS, ids=["fp32", "fp64", "fp32-bf16-state"])
+def test_every_variant_matches_torch_reference(
+    dtype: torch.dtype, state_dtype: torch.dtype, variant: str, monkeypatch
+) -> None:
+    """Every variant gives the reference's W, Z and v bits on the odd shapes, its
+    prefetched tiles switched on however small the bucket (threshold 0)."""
+    monkeypatch.setitem(cpu_step.PREFETCH_MIN_NUMEL, state_dtype, 0)
+    bucket = random_bucket(SHAPES, PENALTIES, dtype, state_dtype, seed=9)
+    expected = bucket.clone()
+    with cpu_step.using_variant(variant):
+        assert cpu_step.variant(dtype, state_dtype) == variant
+        for _ in range(3):
+            bucket.run("c")
+            assert_reference_step(bucket, expected)
+
+
+# Past 2**20 elements, the threshold from which a variant prefetches: rows shorter than a
+# tile, rows of one tile plus a ragged end, a long l1 tensor with a tail.
 LARGE_SHAPES = [(3, 1000), (64, 64, 3, 3), (100, 97), (256, 576), (700, 1301), (7,), (129, 5, 5)]
 LARGE_PENALTIES = ["l1", "group", "group", "group", "l1", "none", "group"]
 
 
 @pytest.mark.parametrize(("dtype", "state_dtype"), BUILDS, ids=["fp32", "fp64", "fp32-bf16-state"])
-def test_prefetched_tiles_match_torch_reference(
-    dtype: torch.dtype, state_dtype: torch.dtype, monkeypatch
-) -> None:
-    """A bucket large enough for the tiled, prefetching walk (the bfloat16 build's
-    threshold, set for every build) gives the reference's bits, with 1 thread and with 2."""
-    threshold = cpu_step.PREFETCH_MIN_NUMEL[torch.bfloat16]
-    monkeypatch.setitem(cpu_step.PREFETCH_MIN_NUMEL, state_dtype, threshold)
+def test_prefetched_tiles_match_torch_reference(dtype: torch.dtype, state_dtype: torch.dtype) -> None:
+    """A bucket large enough for the prefetching walk, in a variant with prefetch, gives
+    the reference's bits, with 1 thread and with 2."""
     bucket = random_bucket(LARGE_SHAPES, LARGE_PENALTIES, dtype, state_dtype, seed=8)
-    assert bucket.params.numel() >= threshold
+    assert bucket.params.numel() >= cpu_step.PREFETCH_MIN_NUMEL[state_dtype]
     expected, two_threads = bucket.clone(), bucket.clone()
-    for _ in range(2):
-        cpu_step.launch(bucket.args(), num_threads=1)
-        cpu_step.launch(two_threads.args(), num_threads=2)
-        assert_reference_step(bucket, expected)
+    with cpu_step.using_variant(f"{cpu_tune.DEFAULT.name.split('-')[0]}-pf4096-t512"):
+        for _ in range(2):
+            cpu_step.launch(bucket.args(), num_threads=1)
+            cpu_step.launch(two_threads.args(), num_threads=2)
+            assert_reference_step(bucket, expected)
     assert_same_outputs(bucket, two_threads)
-
-
-@pytest.mark.parametrize(("dtype", "state_dtype"), BUILDS, ids=["fp32", "fp64", "fp32-bf16-state"])
-def test_tiled_walk_writes_the_same_bits(dtype: torch.dtype, state_dtype: torch.dtype, monkeypatch) -> None:
-    """The odd shapes walked in prefetched tiles (threshold 0) and in one loop each: W, Z, v
-    equal; the group norms (summed per tile) within a few ulps, then handed over."""
-    tiled = random_bucket(SHAPES, PENALTIES, dtype, state_dtype, seed=9)
-    whole = tiled.clone()
-    for _ in range(2):
-        for bucket, threshold in ((tiled, 0), (whole, cpu_step.NO_PREFETCH)):
-            monkeypatch.setitem(cpu_step.PREFETCH_MIN_NUMEL, state_dtype, threshold)
-            bucket.run("c")
-        for name in ("params", "z", "momentum"):
-            assert torch.equal(getattr(tiled, name), getattr(whole, name)), name
-        eps = torch.finfo(tiled.group_norms.dtype).eps
-        assert torch.allclose(tiled.group_norms, whole.group_norms, rtol=8 * eps, atol=0)
-        whole.group_norms.copy_(tiled.group_norms)
 
 
 def test_float64_matches_float64_reference() -> None:
@@ -214,11 +217,14 @@ def test_int64_chunk_table() -> None:
 
 @pytest.fixture
 def fresh_build(tmp_path, monkeypatch):
-    """Build into an empty cache folder; forget the loaded libraries before and after."""
+    """Build the default variant (no autotune) into an empty cache folder; forget the
+    loaded libraries and chosen variants before and after."""
     monkeypatch.setenv("SLBI_TRITON_CACHE_DIR", str(tmp_path))
-    cpu_step._library.cache_clear()
+    monkeypatch.setenv(cpu_tune.AUTOTUNE_ENV, "0")
+    monkeypatch.delenv(cpu_tune.FORCE_ENV, raising=False)
+    cpu_step._forget()
     yield tmp_path
-    cpu_step._library.cache_clear()
+    cpu_step._forget()
 
 
 def _train(fused: bool | None = True) -> list[torch.Tensor]:
@@ -237,7 +243,7 @@ def test_build_is_cached_on_disk(fresh_build) -> None:
     built = sorted(fresh_build.glob("slbi_step_cpu_float_*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    cpu_step._library.cache_clear()
+    cpu_step._forget()
     assert cpu_step.available(torch.float32)
     assert sorted(fresh_build.glob("*.so")) == built and built[0].stat().st_mtime_ns == stamp
     assert cpu_step.available(torch.float32, torch.bfloat16)
@@ -283,7 +289,7 @@ def test_compiler_without_openmp_builds_once(fresh_build, monkeypatch) -> None:
     assert cpu_step.available(torch.float32)
     builds = [line for line in log.read_text().splitlines() if "-shared" in line]
     assert len(builds) == 2 and "-fopenmp" in builds[0] and "-fopenmp" not in builds[1]
-    cpu_step._library.cache_clear()  # as a new process would
+    cpu_step._forget()  # as a new process would
     assert cpu_step.available(torch.float32)
     assert len([line for line in log.read_text().splitlines() if "-shared" in line]) == 2
     bucket = random_bucket(SHAPES, PENALTIES)

@@ -20,6 +20,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import checkpoint, torch_private
 from .buckets import FlatBucket
 from .dispatch import BucketKernel, HparamTables, KernelInfo, amp_inputs_for, check_backend, choose_kernel
+from .names import drop_tied
 from .pruning import Pruner
 from .storage import FlatStorage
 from .toolbox import Toolbox
@@ -213,6 +214,7 @@ class SLBI(Optimizer):
             "order_path": self._toolbox.order_path,
             "frozen": self._pruner.frozen,
             "snapshot": self._pruner.snapshot,
+            "aliases": self._toolbox.aliases,
         }
         return state
 
@@ -228,6 +230,7 @@ class SLBI(Optimizer):
         self._layout_ready = True
         self._toolbox.order_path = extras["order_path"]
         self._pruner.snapshot = extras["snapshot"]
+        self._toolbox.aliases = extras.get("aliases", {})
         self._pruner.set_frozen(extras["frozen"])
 
     # -- param groups ---------------------------------------------------------------
@@ -240,20 +243,21 @@ class SLBI(Optimizer):
         where = f"param group {len(self.param_groups)}"
         check_hyperparameters(merged, where)
         raw = param_group["params"]
-        if isinstance(raw, Tensor):
-            raw = [raw]
-        elif isinstance(raw, set):
+        if isinstance(raw, set):
             raise TypeError("params must be an ordered collection, not a set")
-        else:  # as torch.optim: any other iterable is a sequence of parameters or (name, parameter)
-            raw = list(raw)
-            param_group = {**param_group, "params": raw}
+        # As torch.optim: a tensor, or a sequence of parameters or (name, parameter); a tied
+        # weight listed under each of its names (named_parameters(remove_duplicate=False)) once.
+        raw, aliases = drop_tied([raw] if isinstance(raw, Tensor) else list(raw))
+        param_group = {**param_group, "params": raw}
         names = [item[0] if isinstance(item, tuple) else None for item in raw]
         tensors = [item[1] if isinstance(item, tuple) else item for item in raw]
         taken = {id(p) for group in self.param_groups for p in group["params"]}
         check_new_params(tensors, names, merged["penalty"], where, taken)
         for param in tensors:
             check_backend(self.backend, param.device)
+        first = sum(len(group["params"]) for group in self.param_groups)
         super().add_param_group(param_group)
+        self._toolbox.aliases.update({alias: first + position for alias, position in aliases.items()})
         if self._layout_ready:
             self._relayout()
 
@@ -369,6 +373,8 @@ class SLBI(Optimizer):
                 found_inf = None
         self._run_kernels(active, grad_scale, found_inf)
         self._storage.stepped(active, self.param_groups, self.state)
+        if not torch.compiler.is_compiling():
+            self._pruner.commit_if_stepped()  # the step kept what prune_layer / use_w_star changed
         if record:
             self._toolbox.record(path, slots_to_record)
         return loss
@@ -434,7 +440,8 @@ class SLBI(Optimizer):
         (in the state dtype), ``"group_norms"`` (‖Z_g‖ per output filter, as the last
         step computed them) and the toolbox's ``"entry_epoch"`` / ``"order_magnitude"``;
         ``"param_groups"`` holds the hyper-parameters; ``"slbi"`` the step count, the
-        seed, the epoch, the toolbox's path history and the frozen masks.
+        seed, the epoch, the toolbox's path history, the frozen masks and, while a
+        ``recover()`` is pending, its saved copies (``"snapshot"``).
 
         Like ``torch.optim.SGD.state_dict()``, the tensors are the live state, not copies:
         here views into the flat buffers, so the dict follows later steps (copy it, e.g.

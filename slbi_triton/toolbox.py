@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import functional, recording
 from .buckets import Slot
+from .names import module_path, unwrapped
 from .storage import FlatStorage
 
 __all__ = ["SENTINEL_EPOCH", "LayerSparsity", "Toolbox", "UnknownLayerError", "order_shape"]
@@ -107,6 +108,9 @@ class Toolbox:
         self.optimizer = optimizer
         self.storage = storage
         self.order_path: dict[str, _LayerPath] = {}
+        # Other names of tied weights (named_parameters(remove_duplicate=False)): the
+        # parameter's index (stable across assign_name and re-bound parameters).
+        self.aliases: dict[str, int] = {}
 
     # -- names ----------------------------------------------------------------------
 
@@ -129,16 +133,28 @@ class Toolbox:
             raise ValueError(f"several parameters share the name(s) {duplicates}; {how}")
 
     def slot(self, name: Any) -> Slot:
-        """The slot of the parameter called ``name``; an unknown name lists close ones."""
+        """The slot of the parameter called ``name``: its name in the optimizer, that name
+        with or without wrapper prefixes (DDP ``module.``, ``torch.compile``'s
+        ``_orig_mod.``, FSDP's ``_fsdp_wrapped_module.``), or another name of a tied weight
+        the optimizer was given (:attr:`aliases`). An unknown name lists close ones."""
         if not isinstance(name, str):
             raise TypeError(f"layer names must be strings, got {type(name).__name__}: {name!r}")
         names = self.names
-        for slot in self.storage.slots:
+        slots = self.storage.slots
+        for slot in slots:
             if slot.name == name:
                 return slot
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"known layers: {names}"
-        raise UnknownLayerError(f"unknown layer {name!r}; {hint}")
+        if name in self.aliases:
+            return slots[self.aliases[name]]
+        key = unwrapped(name)
+        found = {id(s): s for s in slots if unwrapped(s.name) == key}
+        found.update((id(slots[i]), slots[i]) for alias, i in self.aliases.items() if unwrapped(alias) == key)
+        if len(found) == 1:
+            return next(iter(found.values()))
+        if found:
+            matches = sorted(s.name for s in found.values())
+            raise UnknownLayerError(f"layer {name!r} is ambiguous: without wrapper prefixes, {matches}")
+        raise UnknownLayerError(_unknown_message(name, names))
 
     def penalised_slot(self, name: Any) -> Slot:
         return self.require_penalised(self.slot(name))
@@ -330,7 +346,7 @@ class Toolbox:
             it had Γ ≠ 0; both CPU tensors of shape (epochs, weights or filters).
         """
         slot = self.penalised_slot(name)
-        path = self.order_path.get(name, _LayerPath())
+        path = self.order_path.get(slot.name, _LayerPath())
         width = slot.num_groups if slot.penalty == "group" else slot.numel
         if not path.epochs:
             empty = torch.empty(0, width)
@@ -432,6 +448,24 @@ class Toolbox:
                 position += 2
             rows.append(row)
         recording.append_records(path, rows)
+
+
+def _unknown_message(name: str, names: list[str]) -> str:
+    """Close matches, and what a tied weight looks like: a known leaf (``weight``) of a
+    module that owns none of the known names (``head`` in ``head.weight``)."""
+    close = difflib.get_close_matches(name, names, n=3)
+    message = f"unknown layer {name!r}; " + (
+        f"did you mean {', '.join(map(repr, close))}?" if close else f"known layers: {names}"
+    )
+    leaf = name.rpartition(".")[2]
+    modules = {module_path(known) for known in names}
+    if any(known.rpartition(".")[2] == leaf for known in names) and module_path(name) not in modules:
+        message += (
+            f" If {name!r} is tied to one of them (the same tensor under two names), "
+            "named_parameters() lists it under its first name only: build the optimizer from "
+            "named_parameters(remove_duplicate=False) to use both names."
+        )
+    return message
 
 
 def as_epochs(entry: Tensor) -> Tensor:

@@ -24,7 +24,11 @@ lacks for this use:
   shortcut) get a pruner that follows their channel map (:mod:`.router`);
 - the optimizer state follows the kept entries, with Γ of the kept groups unchanged
   (:mod:`.state`);
-- the slim model is always checked against the masked one on ``example_inputs``.
+- the slim model is always checked against the masked one on ``example_inputs``, and
+  a masked model whose output no longer depends on its input (a layer with every output
+  channel zero cuts every path) is refused first (:func:`.check.check_not_cut`);
+- names are matched up to wrapper prefixes (:mod:`slbi_triton.names`), and DDP /
+  ``torch.compile`` wrappers are looked through.
 
 ``removed`` has one ``(dim, indices)`` pair per dim that shrank, in dim order: a conv
 weight that lost output filters and input channels has ``[(0, [...]), (1, [...])]``.
@@ -44,8 +48,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..names import unwrap_model, unwrapped
 from ..optimizer import SLBI
-from .check import TOLERANCE, SlimError, as_inputs, compare
+from .check import TOLERANCE, SlimError, as_inputs, check_not_cut, compare
 
 
 def __getattr__(name: str) -> Any:
@@ -100,30 +105,38 @@ class SlimResult:
     difference: float
 
 
-def _check_pair(model: Any, opt: Any) -> None:
+def _check_pair(model: Any, opt: Any) -> dict[str, str]:
+    """``{optimizer's name: model's name}`` of every parameter: the same tensor, under the
+    same name up to wrapper prefixes (an optimizer built over ``ddp.named_parameters()``
+    or a ``torch.compile``'d model's has ``module.`` / ``_orig_mod.`` in front)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(opt, SLBI):
         raise TypeError(f"opt must be an SLBI optimizer, got {type(opt).__name__}")
-    params = dict(model.named_parameters())
+    own = {id(param): name for name, param in model.named_parameters()}
     opt_params = [param for group in opt.param_groups for param in group["params"]]
+    names = {}
     for name, param in zip(opt.names, opt_params, strict=True):
-        if params.get(name) is not param:
+        model_name = own.get(id(param))
+        if model_name is None or unwrapped(model_name) != unwrapped(name):
             raise ValueError(
                 f"the optimizer's parameter {name!r} is not the model's parameter of that name; build the "
                 "optimizer over this model's named_parameters()"
             )
+        names[name] = model_name
+    return names
 
 
 @torch.no_grad()
-def _masked(model: nn.Module, opt: SLBI, remove: str) -> nn.Module:
-    """A copy of ``model`` with W* (``"w_star"``) or as it is (``"pruned"``)."""
+def _masked(model: nn.Module, opt: SLBI, remove: str, names: Mapping[str, str]) -> nn.Module:
+    """A copy of ``model`` with W* (``"w_star"``) or as it is (``"pruned"``); ``names``
+    maps the optimizer's names to the model's."""
     masked = copy.deepcopy(model)
     masked.zero_grad(set_to_none=True)
     if remove == "w_star":
         params = dict(masked.named_parameters())
         for name in opt.names:
-            params[name].copy_(opt.w_star(name))
+            params[names[name]].copy_(opt.w_star(name))
     return masked
 
 
@@ -131,8 +144,11 @@ def slim(model: nn.Module, opt: SLBI, example_inputs: Any, remove: str = "w_star
     """Remove the filters and neurons that ``W*`` (or pruning) zeroes, physically.
 
     Args:
-        model: the trained model; it and ``opt`` are not changed.
-        opt: the :class:`SLBI` optimizer built over ``model.named_parameters()``.
+        model: the trained model; it and ``opt`` are not changed. A
+            ``DistributedDataParallel``, ``DataParallel`` or ``torch.compile`` wrapper is
+            looked through: the result is the slim inner module.
+        opt: the :class:`SLBI` optimizer built over ``model.named_parameters()`` (or
+            the wrapper's: names are matched up to wrapper prefixes).
         example_inputs: a tensor or a tuple of tensors, ``model(*inputs)``; used to trace
             the model, to measure the constants removed channels leave and to check the
             result (use a few real samples).
@@ -142,18 +158,23 @@ def slim(model: nn.Module, opt: SLBI, example_inputs: Any, remove: str = "w_star
         A :class:`SlimResult`.
 
     Raises:
-        SlimError: a removed channel is not constant downstream, or the slim model's eval
-            outputs differ from the masked model's by more than :data:`TOLERANCE`.
+        SlimError: every output channel of a layer is zero (``W*`` has an empty support
+            there, or ``prune_layer`` took them all) and the model's output no longer
+            depends on its input; a removed channel is not constant downstream; or the
+            slim model's eval outputs differ from the masked model's by more than
+            :data:`TOLERANCE`.
         ImportError: Torch-Pruning is not installed.
     """
     inputs = as_inputs(example_inputs)
     if remove not in REMOVE_MODES:
         raise ValueError(f"remove must be one of {REMOVE_MODES}, got {remove!r}")
-    _check_pair(model, opt)
+    model = unwrap_model(model)
+    names = _check_pair(model, opt)
     graph = _graph()
     from . import fold, state
 
-    masked = _masked(model, opt, remove)
+    masked = _masked(model, opt, remove, names)
+    check_not_cut(masked, inputs, remove)
     work = copy.deepcopy(masked)
     channels = graph.ChannelGraph(work, inputs)
     candidates = [
@@ -177,7 +198,7 @@ def slim(model: nn.Module, opt: SLBI, example_inputs: Any, remove: str = "w_star
         len(kept),
         difference,
     )
-    return SlimResult(work, state.carry_state(opt, work, removed), removed, difference)
+    return SlimResult(work, state.carry_state(opt, work, removed, names), removed, difference)
 
 
 def _zero_row(member: Any) -> bool:
@@ -200,10 +221,13 @@ def rebuild(model: nn.Module, removed: Mapping[str, Any], example_inputs: Any) -
         ValueError: ``removed`` does not fit this architecture (checked before any change).
     """
     inputs = as_inputs(example_inputs)
+    model = unwrap_model(model)
+    own = {unwrapped(name): name for name, _ in model.named_parameters()}
     wanted = _normalised(removed)
-    unknown = sorted(set(wanted) - dict(model.named_parameters()).keys())
+    unknown = sorted(name for name in wanted if unwrapped(name) not in own)
     if unknown:
         raise ValueError(f"removed names parameters this model does not have: {unknown}")
+    wanted = {own[unwrapped(name)]: pairs for name, pairs in wanted.items()}
     channels = _graph().ChannelGraph(model, inputs)
     cut = {(name, dim): set(indices) for name, pairs in wanted.items() for dim, indices in pairs}
     sets = []

@@ -99,10 +99,14 @@ def _slice_path(
     }
 
 
-def carry_state(opt: SLBI, model: nn.Module, removed: Removed) -> SLBI:
+def carry_state(
+    opt: SLBI, model: nn.Module, removed: Removed, renames: Mapping[str, str] | None = None
+) -> SLBI:
     """A new :class:`SLBI` over ``model`` (the slim model) with ``opt``'s param groups and
-    its state sliced to the kept entries."""
-    names = opt.names
+    its state sliced to the kept entries, under ``model``'s names (``renames`` maps ``opt``'s
+    to them where they differ, e.g. by a wrapper prefix). Saved copies for ``recover()``
+    are not carried: the entries they would restore are gone."""
+    names = [(renames or {}).get(name, name) for name in opt.names]
     params = dict(model.named_parameters())
     saved = copy.deepcopy(opt.state_dict())  # the live state dict holds views into opt's buffers
     groups, shapes, lams, kinds = [], [], [], {}
@@ -122,15 +126,19 @@ def carry_state(opt: SLBI, model: nn.Module, removed: Removed) -> SLBI:
         lam = lams[index] if kinds.get(names[index]) == "group" else None
         state[index] = _slice_entry(entry, shapes[index], keeps[index], lam)
     extras = dict(saved.get("slbi") or {})
+    extras.pop("snapshot", None)
     if "frozen" in extras:
         extras["frozen"] = {i: _slice(mask, shapes[i], keeps[i]) for i, mask in extras["frozen"].items()}
     if "order_path" in extras:
-        position = {name: i for i, name in enumerate(names)}
+        position = {name: i for i, name in enumerate(opt.names)}  # the path is keyed by opt's names
+        paths = {position[name]: path for name, path in extras["order_path"].items()}
         extras["order_path"] = {
-            name: _slice_path(path, shapes[position[name]], keeps[position[name]], kinds.get(name) == "group")
-            for name, path in extras["order_path"].items()
+            names[i]: _slice_path(path, shapes[i], keeps[i], kinds.get(names[i]) == "group")
+            for i, path in paths.items()
         }
     # The options of the old optimizer too: its kernel family and state dtype.
     new = SLBI(groups, backend=opt.backend, fused=opt.fused, state_dtype=opt.state_dtype)
+    for saved_group, group in zip(saved["param_groups"], new.param_groups, strict=True):
+        saved_group["param_names"] = group["param_names"]  # torch's loader would take the saved ones
     new.load_state_dict({**saved, "state": state, "slbi": extras})
     return new

@@ -12,8 +12,9 @@ of the dense model's MACs, then fine-tuned for one epoch (SGD, lr ``--finetune-l
 - ``SGD, dense``: no pruning (the fine-tune epoch is one more epoch of training);
 - ``Torch-Pruning MagnitudePruner``: the SGD model, pruned by filter L2 norm;
 - ``Torch-Pruning GroupNormPruner``: group-sparse training (``reg``) then pruning;
-- ``SLBI, coupled groups``: ``SLBI(param_groups(model, x))`` with a :class:`MacTarget`
-  ramp, then :func:`slbi_triton.prune_to` (the slim network, no fine-tune in between).
+- ``SLBI, coupled groups``: ``SLBI(param_groups(model, x))`` (one group per removable
+  channel, BatchNorm's γ and β its members), then :func:`slbi_triton.prune_to`: the
+  channels with the smallest ‖Z_G‖ go until the MAC target is met (the slim network).
 
 Torch-Pruning needs the package's option-A shortcut pruner for this model
 (:class:`slbi_triton.slimming.RouterPruner`); the pruning ratio of its arms is searched
@@ -37,7 +38,7 @@ import torch.nn.functional as F  # noqa: N812
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from slbi_triton import SLBI, MacTarget, param_groups, prune_to
+from slbi_triton import SLBI, param_groups, prune_to
 from slbi_triton.slimming import RouterPruner, couple_routers
 from slbi_triton.train.data import load_dataset, subset
 from slbi_triton.train.models import ResNet20, ShortcutA
@@ -195,12 +196,11 @@ def run_slbi_arm(bench: Bench) -> Arm:
     started = time.perf_counter()
     model = bench.fresh()
     args = bench.args
-    opt = SLBI(param_groups(model, bench.example), lr=args.lr, kappa=args.kappa, mu=args.mu, momentum=0.9)
-    end = int(args.ramp_end * bench.total_steps)
-    target = MacTarget(opt, model, bench.example[:1], macs=args.target_macs, start=args.warmup, end=end)
-    bench.train_epochs(model, opt, after_step=target.step)
+    groups = param_groups(model, bench.example, lam=args.lam)
+    opt = SLBI(groups, lr=args.lr, kappa=args.kappa, mu=args.mu, momentum=0.9)
+    bench.train_epochs(model, opt)
     slim = prune_to(model, opt, bench.example, macs=args.target_macs).model
-    name = f"SLBI, coupled groups (μ {args.mu:g}, target ramp to step {end})"
+    name = f"SLBI, coupled groups (κ {args.kappa:g}, μ {args.mu:g}, λ {args.lam:g}) + prune_to"
     return bench.arm(name, slim, bench.accuracy(slim), time.perf_counter() - started)
 
 
@@ -245,10 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--target-macs", type=float, default=0.5)
-    parser.add_argument("--mu", type=float, default=5.0)
+    parser.add_argument("--mu", type=float, default=100.0)
+    parser.add_argument("--lam", type=float, default=0.35)
     parser.add_argument("--kappa", type=float, default=1.0)
-    parser.add_argument("--ramp-end", type=float, default=0.7,
-                        help="the MAC ramp ends at this share of the steps")
     parser.add_argument("--tp-reg", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

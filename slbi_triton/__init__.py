@@ -10,7 +10,7 @@ from .dispatch import KernelInfo
 from .optimizer import SLBI
 from .recording import load_records
 from .slimming import SlimError, SlimResult, slim
-from .targets import MacTarget, prune_to
+from .targets import MacModel, channel_norms, prune_to
 from .toolbox import SENTINEL_EPOCH, LayerSparsity, UnknownLayerError
 
 __all__ = [
@@ -18,11 +18,12 @@ __all__ = [
     "SLBI",
     "KernelInfo",
     "LayerSparsity",
-    "MacTarget",
+    "MacModel",
     "ModuleGraphError",
     "SlimError",
     "SlimResult",
     "UnknownLayerError",
+    "channel_norms",
     "load_records",
     "param_groups",
     "prune_to",

@@ -1,5 +1,5 @@
 """Stopping the regularisation path at a target size: a MAC model of coupled channel
-groups, the λ that keeps a MAC budget in the support, and the removal order.
+groups, their norms on the path, and the cut to a MAC budget (:func:`prune_to`).
 
 :class:`MacModel` counts the multiply-accumulates of every conv / linear layer of a model
 once (forward hooks on example inputs) and then prices any set of removed coupled
@@ -134,99 +134,6 @@ def _width(module: nn.Module, out: bool) -> int:
     return module.out_channels if out else module.in_channels
 
 
-def removal_lam(norms: Tensor, count: int) -> float:
-    """The λ that leaves exactly the ``count`` smallest of ``norms`` outside the support
-    (Γ_G = 0 where ‖Z_G‖ ≤ λ): halfway between the last one out and the first one in;
-    0 (Γ = κZ) when none is to be out."""
-    ordered = torch.sort(norms.double()).values
-    if count <= 0:
-        return 0.0
-    last_out = float(ordered[count - 1])
-    if count >= len(ordered):
-        return last_out * (1 + 1e-6) + 1e-12
-    return 0.5 * (last_out + float(ordered[count]))
-
-
-class MacTarget:
-    """Holds the support of a coupled param group at a MAC budget by setting its λ.
-
-    Called after every ``opt.step()`` like an LR scheduler, it ramps the share of the
-    model's conv / linear MACs that the support may keep from 1 at step ``start`` to
-    ``macs`` at step ``end`` (a cubic ramp, fast at first), and every ``every`` steps sets
-    the group's λ so that the channel groups with the smallest ‖Z_G‖ that must go to meet
-    the current budget are exactly those outside the support (``docs/design.md``,
-    "Stopping the path at a target"). Outside the support, W is pulled to Γ = 0 at the
-    rate α·κ/μ per step, so by the end those channels have faded and W* ≈ W.
-
-    Args:
-        optimizer: the :class:`~slbi_triton.SLBI` optimizer built from
-            :func:`~slbi_triton.param_groups` with example inputs.
-        model: the model it trains (MACs are counted once, on ``example_inputs``).
-        example_inputs: a tensor or tuple, ``model(*inputs)`` (one sample is enough).
-        macs: the target share of MACs, in (0, 1].
-        start, end: the steps at which the ramp starts and reaches ``macs``.
-        every: set λ every this many steps (default: 10).
-        group: the index of the coupled param group (default: the first one that has
-            ``"channel_ids"``).
-        start_dense: start the path at the dense model: Z = W/κ for every coupled row
-            (so Γ = W while λ = 0), instead of Z = 0, where W and Γ would first meet
-            halfway and every weight would be halved (default: ``True``).
-    """
-
-    def __init__(
-        self, optimizer: Any, model: nn.Module, example_inputs: Any, macs: float, start: int, end: int,
-        every: int = 10, group: int | None = None, start_dense: bool = True,
-    ) -> None:
-        from .coupling import channel_groups
-
-        if not 0 < float(macs) <= 1:
-            raise ValueError(f"macs must be in (0, 1], got {macs!r}")
-        if not 0 <= int(start) <= int(end):
-            raise ValueError(f"need 0 <= start <= end, got start={start!r}, end={end!r}")
-        if int(every) < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        self.optimizer = optimizer
-        self.group = _coupled_group(optimizer, group)
-        groups = channel_groups(model, example_inputs)
-        if groups.num_groups != channel_norms(optimizer, self.group).numel():
-            raise ValueError(
-                "the model's channel groups do not match the optimizer's: build the optimizer with "
-                "param_groups(model, example_inputs) of this model"
-            )
-        self.model_macs = MacModel(model, groups, example_inputs)
-        self.macs, self.start, self.end, self.every = float(macs), int(start), int(end), int(every)
-        self.steps = 0
-        self.removed_count = 0
-        optimizer.param_groups[self.group]["lam"] = 0.0
-        if start_dense:
-            start_at_dense(optimizer, self.group)
-
-    def budget(self, step: int | None = None) -> float:
-        """The share of MACs the support may keep at ``step`` (default: now)."""
-        step = self.steps if step is None else step
-        span = max(self.end - self.start, 1)
-        progress = min(max((step - self.start) / span, 0.0), 1.0)
-        return 1 - (1 - self.macs) * (1 - (1 - progress) ** 3)
-
-    def step(self) -> None:
-        """Count one optimizer step; every ``every`` steps, set λ for the current budget."""
-        self.steps += 1
-        if self.steps % self.every and self.steps != self.end:
-            return
-        norms = channel_norms(self.optimizer, self.group).cpu()
-        order = torch.argsort(norms.double(), stable=True)
-        count = self.model_macs.removal_count(order, self.budget()) if self.steps >= self.start else 0
-        self.removed_count = count
-        self.optimizer.param_groups[self.group]["lam"] = removal_lam(norms, count)
-
-    def state_dict(self) -> dict[str, int]:
-        """The step count (the ramp and the model's MACs come from the arguments)."""
-        return {"steps": self.steps, "removed_count": self.removed_count}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.steps, self.removed_count = int(state["steps"]), int(state["removed_count"])
-
-
 def _coupled_group(optimizer: Any, group: int | None) -> int:
     """The index of the param group with ``"channel_ids"`` (the given one, checked)."""
     coupled = [i for i, g in enumerate(optimizer.param_groups) if g.get("channel_ids") is not None]
@@ -334,15 +241,4 @@ def zero_channels(optimizer: Any, channels: Tensor, group: int | None = None) ->
         for tensor in (slot.param.data, state.get("z"), state.get("momentum_buffer")):
             if tensor is not None:
                 tensor[rows] = 0
-        optimizer._storage.bucket_of(slot).refresh_group_norms([slot])
-
-
-@torch.no_grad()
-def start_at_dense(optimizer: Any, group: int | None = None) -> None:
-    """Z = W/κ for every coupled row of a param group: with λ = 0, Γ = W (the path starts
-    at the dense model instead of the empty one)."""
-    index = _coupled_group(optimizer, group)
-    kappa = float(optimizer.param_groups[index]["kappa"])
-    for slot, _ in _coupled_slots(optimizer, index):
-        optimizer.state[slot.param]["z"].copy_(slot.param.detach() / kappa)
         optimizer._storage.bucket_of(slot).refresh_group_norms([slot])

@@ -11,7 +11,7 @@ from torch import nn
 from slbi_triton import ModuleGraphError, param_groups
 from slbi_triton.coupling import channel_groups
 from slbi_triton.slimming.graph import ChannelGraph
-from slbi_triton.targets import MacModel, removal_lam
+from slbi_triton.targets import MacModel
 from slbi_triton.train.models import ResNet20
 
 
@@ -129,10 +129,3 @@ def test_mac_model_prices_removals_like_torch_pruning(fraction: float) -> None:
     graph.remove([sets[i] for i in torch.nonzero(removed).flatten().tolist()])
     measured = MacModel(pruned, channel_groups(pruned, example), example).total
     assert measured == pytest.approx(macs.macs(removed), rel=1e-9)
-
-
-def test_removal_lam_splits_the_norms() -> None:
-    norms = torch.tensor([0.5, 0.1, 0.3, 0.9])
-    assert removal_lam(norms, 2) == pytest.approx(0.4)
-    assert (norms <= removal_lam(norms, 0)).sum() == 0
-    assert (norms <= removal_lam(norms, 4)).sum() == 4

@@ -235,9 +235,9 @@ def _add_slimming(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SHARE",
         help="train to a size: SLBI with one coupled group per removable channel "
-        "(slbi_triton.param_groups), its support held at this share of the dense MACs from the "
-        "warm-up's end to 70 %% of the steps (slbi_triton.MacTarget), then cut to it "
-        "(slbi_triton.prune_to) and slimmed as with --slim, which it implies (default: off)",
+        "(slbi_triton.param_groups, traced on 16 training images), then cut to this share of the "
+        "dense MACs by the path's order (slbi_triton.prune_to) and slimmed as with --slim, which it "
+        "implies (default: off)",
     )
     slimming.add_argument(
         "--slim-epochs",

@@ -18,7 +18,6 @@ from tqdm import tqdm
 from .. import functional
 from ..coupling import layer_weights, param_groups
 from ..optimizer import SLBI
-from ..targets import MacTarget
 from ..toolbox import LayerSparsity
 from .models import build_model
 from .plots import FilterPath
@@ -33,10 +32,6 @@ EVAL_BATCH_SIZE = 1000
 TRACE_EXAMPLES = 16
 """Training images that ``--target-macs`` traces the model on (channel groups, MACs)."""
 
-TARGET_RAMP_END = 0.7
-"""``--target-macs``: the share of the steps by which the support has reached the budget;
-the rest of the run lets the channels outside it fade (docs/design.md, "Stopping the
-path at a target")."""
 
 STATE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 """``--state-dtype``: SLBI's ``state_dtype`` (``None``: the parameters' dtype, float32 here)."""
@@ -157,7 +152,6 @@ class EpochLoop:
     generator: torch.Generator
     args: argparse.Namespace
     steps_done: int = 0
-    target: MacTarget | None = None  # --target-macs: sets λ after every step
 
     def train_epoch(self, data: Data, label: str) -> tuple[float, float]:
         """One pass over the training set with a progress bar; the mean train loss and
@@ -179,8 +173,6 @@ class EpochLoop:
                 if slbi is not None:
                     record = args.record_interval > 0 and self.steps_done % args.record_interval == 0
                     slbi.step(record=record, path=args.out if record else None)
-                    if self.target is not None:
-                        self.target.step()
                 else:
                     optimizer.step()
                 if self.warmup is not None and self.steps_done <= args.warmup_iters:
@@ -213,8 +205,6 @@ def train_run(
     slbi = optimizer if isinstance(optimizer, SLBI) else None
     warmup, decay = build_schedulers(optimizer, args)
     loop = EpochLoop(model, optimizer, warmup, torch.Generator().manual_seed(args.seed), args)
-    if slbi is not None and getattr(args, "target_macs", None) is not None:
-        loop.target = mac_target(slbi, model, example, args, len(data.train_x))
 
     norms = [filter_norms(params[layer])]  # SGD's path; SLBI's is kept by update_order
     if slbi is not None:
@@ -244,17 +234,6 @@ def train_run(
     prune_rows = prune_sweep(slbi, model, conv_names, layer, data, args.prune_bias)
     seconds = time.perf_counter() - started
     return RunResult(kind, rows, path, seconds, model, optimizer, sparsity, prune_rows)
-
-
-def mac_target(
-    slbi: SLBI, model: nn.Module, example: Tensor, args: argparse.Namespace, train_size: int
-) -> MacTarget:
-    """``--target-macs``: the MAC budget ramps from the end of the warm-up to
-    :data:`TARGET_RAMP_END` of the steps."""
-    total = math.ceil(train_size / args.batch_size) * args.epochs
-    start = min(args.warmup_iters, total)
-    end = max(start, int(TARGET_RAMP_END * total))
-    return MacTarget(slbi, model, example[:1], macs=args.target_macs, start=start, end=end)
 
 
 def train_and_test(loop: EpochLoop, kind: str, epoch: int, data: Data) -> dict[str, Any]:

@@ -161,6 +161,8 @@ class Pruner:
             self._restore_momentum(slot, saved.momentum)
         self.set_frozen(snapshot.frozen)
         self._refresh_norms(stale_norms)
+        for bucket in self.storage.buckets:  # the own norms were restored: the coupled follow
+            bucket.refresh_coupled_norms()
 
     def _restore_momentum(self, slot: Slot, momentum: Tensor | None) -> None:
         state = self.optimizer.state[slot.param]

@@ -19,6 +19,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import checkpoint, torch_private
 from .buckets import FlatBucket
+from .channel_ids import channel_ids_of
 from .dispatch import BucketKernel, HparamTables, KernelInfo, amp_inputs_for, check_backend, choose_kernel
 from .names import drop_tied
 from .pruning import Pruner
@@ -169,8 +170,8 @@ class SLBI(Optimizer):
         self._tables = HparamTables()
         self._step_calls = torch_private.StepCalls()
         self._group_checks = GroupChecks()
-        # The penalties the layout was last checked against (see _apply_group_changes).
-        self._checked_penalties: tuple[str, ...] | None = None
+        # The penalties and channel_ids the layout was last checked against (_apply_group_changes).
+        self._checked_layout: tuple[tuple[str, int], ...] | None = None
         self._own_hooks = checkpoint.OwnHooks()  # our state-dict hooks (see state_dict)
         self._pending_load: checkpoint.LoadPlan | None = None
 
@@ -252,7 +253,7 @@ class SLBI(Optimizer):
         names = [item[0] if isinstance(item, tuple) else None for item in raw]
         tensors = [item[1] if isinstance(item, tuple) else item for item in raw]
         taken = {id(p) for group in self.param_groups for p in group["params"]}
-        check_new_params(tensors, names, merged["penalty"], where, taken)
+        check_new_params(tensors, names, merged["penalty"], where, taken, merged.get("channel_ids"))
         for param in tensors:
             check_backend(self.backend, param.device)
         first = sum(len(group["params"]) for group in self.param_groups)
@@ -291,16 +292,20 @@ class SLBI(Optimizer):
         (``"triton"``, ``"c"``, ``"inductor"`` or ``"eager"``; see ``docs/design.md``)."""
         return [
             KernelInfo(
-                bucket.kernel.name, bucket.device, bucket.dtype, bucket.state_dtype,
+                kernel.name, bucket.device, bucket.dtype, bucket.state_dtype,
                 tuple(slot.name if slot.name is not None else slot.index for slot in sorted(
                     bucket.slots, key=lambda s: s.index)),
             )
-            for bucket in self._storage.buckets
+            for kernel, bucket in zip(self._storage.kernels, self._storage.buckets, strict=True)
         ]
 
     def _relayout(self, steps: int | None = None) -> None:
         self._storage.layout(self.param_groups, self.state, self._choose_kernel, steps)
-        self._checked_penalties = tuple(group["penalty"] for group in self.param_groups)
+        self._checked_layout = self._layout_key()
+
+    def _layout_key(self) -> tuple[tuple[str, int], ...]:
+        """Per group, its penalty and its ``channel_ids`` list (by identity: a new list re-lays)."""
+        return tuple((group["penalty"], id(group.get("channel_ids"))) for group in self.param_groups)
 
     def _choose_kernel(self, bucket: FlatBucket) -> BucketKernel:
         return choose_kernel(bucket, self.backend, self.fused)
@@ -408,28 +413,30 @@ class SLBI(Optimizer):
         entries are zeroed again."""
         momentum = [group["momentum"] != 0 for group in self.param_groups]
         amp_inputs: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
-        for bucket, flags in zip(self._storage.buckets, active, strict=True):
+        for kernel, flags in zip(self._storage.kernels, active, strict=True):
+            bucket = kernel.bucket
             if any(momentum[index] for index in bucket.group_indices):
                 bucket.ensure_momentum()
             if bucket.device not in amp_inputs:
                 amp_inputs[bucket.device] = amp_inputs_for(grad_scale, found_inf, bucket.device)
-            bucket.kernel(bucket, flags, self.param_groups, self._tables, *amp_inputs[bucket.device])
+            kernel(flags, self.param_groups, self._tables, *amp_inputs[bucket.device])
             bucket.apply_frozen()
 
     def _apply_group_changes(self) -> None:
-        """Re-lay the buffers when a group's penalty changed (validated before)."""
-        penalties = tuple(group["penalty"] for group in self.param_groups)
-        if penalties == self._checked_penalties:
+        """Re-lay the buffers when a group's penalty or ``channel_ids`` changed (validated before)."""
+        key = self._layout_key()
+        if key == self._checked_layout:
             return
-        changed = [
-            slot for slot in self._storage.slots
-            if resolve_penalty(self.param_groups[slot.group_index]["penalty"], slot.param) != slot.penalty
-        ]
-        if changed:
-            # The prune order and path of another penalty have another shape: they restart.
+        groups = self.param_groups
+        coupled = {id(p): i is not None for g in groups for p, i in zip(g["params"], channel_ids_of(g),
+                                                                           strict=True)}
+        changed = [slot for slot in self._storage.slots if slot.penalty != resolve_penalty(
+            groups[slot.group_index]["penalty"], slot.param, coupled[id(slot.param)])]
+        if changed:  # the prune order and path of another penalty have another shape: they restart
             self._toolbox.forget_order([slot.param for slot in changed])
+        if changed or [ids for _, ids in key] != [ids for _, ids in self._checked_layout]:
             self._relayout()
-        self._checked_penalties = penalties
+        self._checked_layout = key
 
     # -- state dict -----------------------------------------------------------------
 

@@ -172,7 +172,9 @@ class CoupledTables(NamedTuple):
     coupled_scale: Tensor
 
 
-def coupled_tables(row_keys: Tensor, dtype: torch.dtype, numel: int) -> CoupledTables | None:
+def coupled_tables(
+    row_keys: Tensor, dtype: torch.dtype, numel: int, follows: Tensor | None = None
+) -> CoupledTables | None:
     """The coupled-group tables of a bucket (on the CPU), or ``None`` when no key is
     shared by two rows.
 
@@ -183,21 +185,28 @@ def coupled_tables(row_keys: Tensor, dtype: torch.dtype, numel: int) -> CoupledT
         dtype: the bucket's dtype (``coupled_scale`` is in :func:`norm_dtype` of it).
         numel: the bucket's flat length: the index tables take the chunk table's dtype,
             :func:`index_dtype` of it and of the ``R + C`` norms.
+        follows: bool per row (default: none): a follower row reads its group's norm
+            but is not one of its members (not summed, not counted in ``coupled_scale``);
+            a key needs a member to form a group.
     """
     num_rows = row_keys.numel()
+    follows = torch.zeros(num_rows, dtype=torch.bool) if follows is None else follows
     rows = torch.nonzero(row_keys >= 0).flatten()
     _, inverse, counts = torch.unique(row_keys[rows], return_inverse=True, return_counts=True)
-    shared = counts >= 2
+    members = torch.zeros_like(counts).index_add_(0, inverse, (~follows[rows]).to(torch.int64))
+    shared = (counts >= 2) & (members >= 1)
     if not bool(shared.any()):
         return None
     number = torch.cumsum(shared.to(torch.int64), 0) - 1  # per key: its group, if shared
-    member = shared[inverse]
-    rows, groups = rows[member], number[inverse[member]]
-    order = torch.sort(groups, stable=True).indices  # rows ascend within a group
-    sizes = counts[shared]
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes, 0)])
+    in_group = shared[inverse]
+    rows, groups = rows[in_group], number[inverse[in_group]]
     norm_index = torch.arange(num_rows, dtype=torch.int64)
     norm_index[rows] = num_rows + groups
+    is_member = ~follows[rows]
+    rows, groups = rows[is_member], groups[is_member]
+    order = torch.sort(groups, stable=True).indices  # rows ascend within a group
+    sizes = members[shared]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes, 0)])
     scale = (1.0 / torch.sqrt(sizes.to(torch.float64))).to(norm_dtype(dtype))
     table_dtype = index_dtype(numel, num_rows + scale.numel())
     return CoupledTables(

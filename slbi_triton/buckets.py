@@ -40,6 +40,7 @@ class Slot:
     penalty: str  # "l1", "group" or "none"
     # Per row (dim 0) the coupled-group id within the param group, -1 for none (CPU int64).
     channel_ids: Tensor | None = None
+    follows: bool = False  # its rows follow their coupled group without counting in its norm
     offset: int = 0  # first element in the flat buffers
     norm_offset: int = 0  # first group norm (group penalty)
     strides: tuple[int, ...] = ()
@@ -170,19 +171,22 @@ class FlatBucket:
         """The coupled tables from the slots' ``channel_ids``: rows of one param group
         sharing an id form a coupled group (numbered by (param group, id))."""
         parts = [
-            (slot.norm_offset, torch.full_like(slot.channel_ids, slot.group_index), slot.channel_ids)
+            (slot.norm_offset, torch.full_like(slot.channel_ids, slot.group_index), slot.channel_ids,
+             torch.full_like(slot.channel_ids, slot.follows, dtype=torch.bool))
             for slot in self.slots if slot.channel_ids is not None and slot.penalty == "group"
         ]
         if not parts:
             return None
         row_keys = torch.full((self.num_rows,), -1, dtype=torch.int64)
-        groups, ids = (torch.cat([part[at] for part in parts]) for at in (1, 2))
+        follows = torch.zeros(self.num_rows, dtype=torch.bool)
+        groups, ids, following = (torch.cat([part[at] for part in parts]) for at in (1, 2, 3))
         pairs = torch.stack([groups, ids])
         _, keys = torch.unique(pairs, dim=1, return_inverse=True)
         keys = torch.where(pairs[1] >= 0, keys, -1)
-        rows = torch.cat([torch.arange(first, first + ids.numel()) for first, _, ids in parts])
+        rows = torch.cat([torch.arange(first, first + ids.numel()) for first, _, ids, _ in parts])
         row_keys[rows] = keys
-        tables = abi.coupled_tables(row_keys, self.dtype, self.numel)
+        follows[rows] = following
+        tables = abi.coupled_tables(row_keys, self.dtype, self.numel, follows)
         return None if tables is None else abi.CoupledTables(*(t.to(self.device) for t in tables))
 
     def view_of(self, flat: Tensor, slot: Slot) -> Tensor:

@@ -22,13 +22,45 @@ def channel_ids_of(group: Mapping[str, Any]) -> list[Tensor | None]:
     return [None] * len(group["params"]) if ids is None else list(ids)
 
 
+def followers_of(group: Mapping[str, Any]) -> list[bool]:
+    """A param group's ``"channel_followers"``, one bool per parameter (default: none
+    follows): a follower's rows shrink with their coupled group without counting in its
+    norm (``docs/design.md``, "Which rows form a coupled group")."""
+    follows = group.get("channel_followers")
+    return [False] * len(group["params"]) if follows is None else [bool(f) for f in follows]
+
+
+def check_followers(params: Sequence[Tensor], channel_ids: Any, followers: Any, where: str) -> None:
+    """``"channel_followers"`` (``None``: none): a list of bools parallel to ``params``;
+    a follower has ``channel_ids``."""
+    if followers is None:
+        return
+    if isinstance(followers, (Tensor, str)) or not isinstance(followers, Sequence):
+        raise TypeError(f"channel_followers ({where}) must be a list of bools parallel to params, got "
+                        f"{type(followers).__name__}")
+    if len(followers) != len(params):
+        raise ValueError(
+            f"channel_followers ({where}) has {len(followers)} entries for {len(params)} parameters"
+        )
+    if not all(isinstance(f, bool) for f in followers):
+        raise TypeError(f"channel_followers ({where}) must hold bools")
+    ids = channel_ids if channel_ids is not None else [None] * len(params)
+    lonely = [i for i, (f, i_ids) in enumerate(zip(followers, ids, strict=True)) if f and i_ids is None]
+    if lonely:
+        raise ValueError(
+            f"channel_followers ({where}): parameter {lonely[0]} follows a coupled group but has no channel_ids"
+        )
+
+
 def check_channel_ids(
-    params: Sequence[Tensor], channel_ids: Any, where: str, names: Sequence[str | None] | None = None
+    params: Sequence[Tensor], channel_ids: Any, where: str, names: Sequence[str | None] | None = None,
+    followers: Any = None,
 ) -> None:
     """A param group's ``"channel_ids"`` (``None``: no coupling): a list parallel to its
     ``params``, each entry ``None`` or a 1-D int64 CPU tensor of one id per row (dim 0) of
     a parameter with rows, ids ``>= 0`` (a coupled group) or ``-1`` (none); the members
     of one coupled group share a device and dtype (one flat buffer)."""
+    check_followers(params, channel_ids, followers, where)
     if channel_ids is None:
         return
     if isinstance(channel_ids, (Tensor, str)) or not isinstance(channel_ids, Sequence):

@@ -116,7 +116,8 @@ def merge_groups(
         check_hyperparameters(merged, where)
         if isinstance(merged.get("channel_ids"), (list, tuple)):  # map_location may have moved them
             merged["channel_ids"] = [t.cpu() if isinstance(t, Tensor) else t for t in merged["channel_ids"]]
-        check_channel_ids(current["params"], merged.get("channel_ids"), where, current.get("param_names"))
+        check_channel_ids(current["params"], merged.get("channel_ids"), where, current.get("param_names"),
+                          merged.get("channel_followers"))
         coupled = [ids is not None for ids in channel_ids_of({**merged, "params": current["params"]})]
         check_group_penalty(merged["penalty"], current["params"], where, coupled=coupled)
         merged_groups.append(merged)

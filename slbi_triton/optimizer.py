@@ -253,7 +253,8 @@ class SLBI(Optimizer):
         names = [item[0] if isinstance(item, tuple) else None for item in raw]
         tensors = [item[1] if isinstance(item, tuple) else item for item in raw]
         taken = {id(p) for group in self.param_groups for p in group["params"]}
-        check_new_params(tensors, names, merged["penalty"], where, taken, merged.get("channel_ids"))
+        check_new_params(tensors, names, merged["penalty"], where, taken, merged.get("channel_ids"),
+                         merged.get("channel_followers"))
         for param in tensors:
             check_backend(self.backend, param.device)
         first = sum(len(group["params"]) for group in self.param_groups)
@@ -304,8 +305,12 @@ class SLBI(Optimizer):
         self._checked_layout = self._layout_key()
 
     def _layout_key(self) -> tuple[tuple[str, int], ...]:
-        """Per group, its penalty and its ``channel_ids`` list (by identity: a new list re-lays)."""
-        return tuple((group["penalty"], id(group.get("channel_ids"))) for group in self.param_groups)
+        """Per group, its penalty and its ``channel_ids`` and ``channel_followers`` lists (by
+        identity: a new list re-lays)."""
+        return tuple(
+            (group["penalty"], id(group.get("channel_ids")), id(group.get("channel_followers")))
+            for group in self.param_groups
+        )
 
     def _choose_kernel(self, bucket: FlatBucket) -> BucketKernel:
         return choose_kernel(bucket, self.backend, self.fused)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import torch_private
 from .buckets import FlatBucket, Slot
-from .channel_ids import channel_ids_of
+from .channel_ids import channel_ids_of, followers_of
 from .kernels import abi
 from .validation import check_gradient, check_parameter, resolve_penalty
 
@@ -72,9 +72,11 @@ class FlatStorage:
         slots: list[Slot] = []
         for group_index, group in enumerate(groups):
             names = group.get("param_names", [None] * len(group["params"]))
-            for param, name, ids in zip(group["params"], names, channel_ids_of(group), strict=True):
+            entries = zip(group["params"], names, channel_ids_of(group), followers_of(group), strict=True)
+            for param, name, ids, follows in entries:
                 penalty = resolve_penalty(group["penalty"], param, coupled=ids is not None)
-                slots.append(Slot(param, name, len(slots), group_index, penalty, channel_ids=ids))
+                slot = Slot(param, name, len(slots), group_index, penalty, channel_ids=ids, follows=follows)
+                slots.append(slot)
         momentum_groups = {i for i, group in enumerate(groups) if group["momentum"] != 0}
         by_bucket: dict[tuple[torch.device, torch.dtype], list[Slot]] = {}
         for slot in slots:

@@ -111,7 +111,7 @@ def check_parameter(param: Any, label: str) -> None:
 
 def check_new_params(
     tensors: list[Any], names: list[str | None], penalty: str, where: str, taken: set[int],
-    channel_ids: Any = None,
+    channel_ids: Any = None, followers: Any = None,
 ) -> None:
     """The parameters of a new param group ``where``: dense float tensors, none twice and
     none already in the optimizer (``taken``: their ids), fit for ``penalty`` and their
@@ -126,7 +126,7 @@ def check_new_params(
         if id(param) in seen:
             raise ValueError(f"{label} appears more than once in the optimizer's parameters")
         seen.add(id(param))
-    check_channel_ids(tensors, channel_ids, where, names)
+    check_channel_ids(tensors, channel_ids, where, names, followers)
     coupled = [ids is not None for ids in channel_ids or [None] * len(tensors)]
     check_group_penalty(penalty, tensors, where, labels, coupled)
 
@@ -180,12 +180,14 @@ class GroupChecks:
             types = tuple(map(type, values))
             plain = not any(issubclass(kind, Tensor) for kind in types)
             # With the types: False == 0 and 1 == True, but a bool is not a valid value.
-            seen = (values, types, id(group["params"]), len(group["params"]), id(group.get("channel_ids")))
+            seen = (values, types, id(group["params"]), len(group["params"]), id(group.get("channel_ids")),
+                    id(group.get("channel_followers")))
             if plain and self._valid.get(index) == seen:
                 continue
             where = f"param group {index}"
             check_hyperparameters(group, where, read_device=False)
-            check_channel_ids(group["params"], group.get("channel_ids"), where, group.get("param_names"))
+            check_channel_ids(group["params"], group.get("channel_ids"), where, group.get("param_names"),
+                              group.get("channel_followers"))
             coupled = [ids is not None for ids in channel_ids_of(group)]
             check_group_penalty(group["penalty"], group["params"], where, coupled=coupled)
             if plain:

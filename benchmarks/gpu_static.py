@@ -5,8 +5,9 @@
 
 Every kernel specialisation the optimizer can launch (parameter dtype; Z and v in that
 dtype, or bfloat16 with stochastic rounding; int32 or int64 chunk table; with or without
-``torch.amp.GradScaler``'s ``inv_scale``/``found_inf``; a missing momentum buffer does not
-specialise: the launcher passes Z's pointer, never read) is compiled with Triton's own tool
+``torch.amp.GradScaler``'s ``inv_scale``/``found_inf``; with or without coupled channel
+groups; a missing momentum buffer does not specialise: the launcher passes Z's pointer,
+never read) is compiled with Triton's own tool
 chain (``triton.compile`` for ``GPUTarget("cuda", arch, 32)``, then the bundled ``ptxas``
 and ``cuobjdump``, which need no driver), exactly as the launcher compiles it. Per
 variant the table shows:
@@ -18,6 +19,9 @@ variant the table shows:
   g, Z and v in the PTX and how many are 128-bit vectors. Accesses are attributed to a
   stream by the kernel argument their address derives from, and to a path by the call
   site the PTX line info names.
+
+The coupled-norms kernel (``_coupled_norms_kernel``, the second launch of a step with coupled
+groups) is compiled too, every dtype and index type; resources only (no main stream).
 
 These figures are static: what the compiler emitted, not what a GPU measured.
 :func:`problems` is what the test (``tests/test_gpu_static.py``) and ``--check`` enforce.
@@ -77,6 +81,7 @@ class Variant:
     stochastic_rounding: bool
     index_dtype: torch.dtype
     amp: bool
+    coupled: bool = False
 
     @property
     def bucket(self) -> str:
@@ -87,7 +92,8 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return f"{self.bucket} {_SHORT[self.index_dtype]}{' amp' if self.amp else ''}"
+        return f"{self.bucket} {_SHORT[self.index_dtype]}{' amp' if self.amp else ''}" + (
+            " coupled" if self.coupled else "")
 
 
 def variants() -> list[Variant]:
@@ -99,15 +105,16 @@ def variants() -> list[Variant]:
         for state_dtype, rounding in states:
             for index_dtype in (torch.int32, torch.int64):
                 for amp in (False, True):
-                    out.append(Variant(dtype, state_dtype, rounding, index_dtype, amp))
+                    for coupled in (False, True):
+                        out.append(Variant(dtype, state_dtype, rounding, index_dtype, amp, coupled))
     return out
 
 
 def quick_jobs() -> list[tuple[Variant, int]]:
     """The CI subset, as (variant, capability): on sm_90 each bucket kind with the
-    cheapest and the widest specialisation (int32 table, no GradScaler; int64 table and
-    GradScaler), on sm_80 the widest."""
-    chosen = [v for v in variants() if (v.index_dtype == torch.int64) == v.amp]
+    cheapest and the widest specialisation (int32 table, no GradScaler, no coupled
+    groups; int64 table, GradScaler and coupled groups), on sm_80 the widest."""
+    chosen = [v for v in variants() if (v.index_dtype == torch.int64) == v.amp == v.coupled]
     return [(v, 90) for v in chosen] + [(v, 80) for v in chosen if v.amp]
 
 
@@ -123,25 +130,34 @@ def _pointer_types(variant: Variant) -> dict[str, torch.dtype]:
         "momentum_ptr": variant.state_dtype, "group_norms_ptr": abi.norm_dtype(variant.dtype),
         "chunks_ptr": variant.index_dtype, "slot_flags_ptr": torch.int32, "hparams_ptr": torch.float64,
         "rng_ptr": torch.int64, "inv_scale_ptr": amp_dtype, "found_inf_ptr": amp_dtype,
+        # Without coupled groups the launcher passes the chunk table (never read).
+        "norm_index_ptr": variant.index_dtype,
     }
 
 
 def compile_variant(variant: Variant, capability: int) -> Any:
     """``triton.compile`` the step for ``variant`` and compute capability ``capability``."""
+    from slbi_triton.kernels import triton_step
+
+    constants = {
+        **triton_step.kernel_constants(variant.dtype),
+        "HAS_INV_SCALE": variant.amp, "HAS_FOUND_INF": variant.amp,
+        "STOCHASTIC_ROUNDING": variant.stochastic_rounding, "HAS_COUPLING": variant.coupled,
+    }
+    return compile_kernel(triton_step._slbi_bucket_kernel, _pointer_types(variant), constants, capability)
+
+
+def compile_kernel(kernel: Any, pointers: dict[str, torch.dtype], constants: dict[str, Any], capability: int):
+    """``triton.compile`` ``kernel`` with these pointer dtypes and constants (other
+    arguments: 32-bit integers) for compute capability ``capability``."""
     import triton
     from slbi_triton.kernels import triton_step
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = triton_step._slbi_bucket_kernel
-    constants = {
-        **triton_step.kernel_constants(variant.dtype),
-        "HAS_INV_SCALE": variant.amp, "HAS_FOUND_INF": variant.amp,
-        "STOCHASTIC_ROUNDING": variant.stochastic_rounding,
-    }
-    pointers = _pointer_types(variant)
     names = list(kernel.arg_names)
-    signature = {n: "constexpr" if n in constants else "*" + _SHORT[pointers[n]] for n in names}
+    signature = {n: "constexpr" if n in constants else "*" + _SHORT[pointers[n]] if n in pointers else "i32"
+                 for n in names}
     # Torch allocations are 16-byte aligned: the JIT specialises the pointers on it.
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in pointers}
     source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constants.items()}, attrs)
@@ -300,6 +316,7 @@ class StaticRow:
     stack: int | None = None
     spill: int | None = None
     smem: int | None = None
+    kernel: str = "step"  # or "coupled norms" (resources only)
     paths: dict[str, dict[str, int]] = field(default_factory=dict)  # path -> {"vector": n, "all": n}
     expected_bits: dict[str, int] = field(default_factory=dict)  # stream -> widest access it allows
     streams: dict[str, list[str]] = field(default_factory=dict)  # path -> streams seen ("W ld", ...)
@@ -328,15 +345,9 @@ def analyse(variant: Variant, capability: int) -> StaticRow:
     from slbi_triton.kernels import triton_step
 
     row = StaticRow(f"sm_{capability}", variant.label, expected_bits=expected_bits(variant))
-    try:
-        compiled = compile_variant(variant, capability)
-        resources = cubin_resources(compiled.asm["cubin"])
-    except Exception as exc:  # reported per variant: a failed compile is a finding
-        row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc) else ''}"
+    compiled = _compiled_into(row, lambda: compile_variant(variant, capability))
+    if compiled is None:
         return row
-    row.regs, row.spill = resources["REG"], resources["SPILL"]
-    row.stack = resources["STACK"] + resources["LOCAL"]
-    row.smem = max(resources["SHARED"], int(getattr(compiled.metadata, "shared", 0)))
     for access in ptx_accesses(compiled.asm["ptx"], triton_step._slbi_bucket_kernel):
         counts = row.paths.setdefault(access.path, {"vector": 0, "all": 0})
         counts["all"] += 1
@@ -345,6 +356,21 @@ def analyse(variant: Variant, capability: int) -> StaticRow:
         if access.bits >= row.expected_bits[access.stream] and f"{access.stream} {access.kind}" not in seen:
             seen.append(f"{access.stream} {access.kind}")
     return row
+
+
+def _compiled_into(row: StaticRow, compile_it: Any) -> Any:
+    """``compile_it()``, its resources written into ``row``; ``None`` (and ``row.error``)
+    when it fails: a failed compile is a finding, reported per row."""
+    try:
+        compiled = compile_it()
+        resources = cubin_resources(compiled.asm["cubin"])
+    except Exception as exc:
+        row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc) else ''}"
+        return None
+    row.regs, row.spill = resources["REG"], resources["SPILL"]
+    row.stack = resources["STACK"] + resources["LOCAL"]
+    row.smem = max(resources["SHARED"], int(getattr(compiled.metadata, "shared", 0)))
+    return compiled
 
 
 _WANTED = ("W ld", "g ld", "Z ld", "v ld", "W st", "Z st", "v st")
@@ -360,6 +386,8 @@ def problems(row: StaticRow) -> list[str]:
         found.append(f"spills: {row.stack} B stack, {row.spill} STL/LDL")
     if row.regs is not None and row.regs > MAX_REGISTERS:
         found.append(f"{row.regs} registers > {MAX_REGISTERS}")
+    if row.kernel != "step":
+        return found
     vector_paths = [p for p in row.paths if p not in (SCALAR_PATH, "?")]
     if len(vector_paths) < 3:
         found.append(f"vector paths found: {vector_paths}")
@@ -390,6 +418,26 @@ def vector_share(shapes: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dty
 def run(jobs: Iterable[tuple[Variant, int]]) -> list[StaticRow]:
     """Analyse every (variant, capability); each compile takes about a second."""
     return [analyse(variant, capability) for variant, capability in jobs]
+
+
+COUPLED_NORM_JOBS = [(dtype, index, capability) for capability in ARCHS
+                     for dtype in (torch.float32, torch.float64) for index in (torch.int32, torch.int64)]
+"""(norm dtype, index dtype, capability) of every compile of ``_coupled_norms_kernel``."""
+
+
+def analyse_coupled_norms(dtype: torch.dtype, index_dtype: torch.dtype, capability: int) -> StaticRow:
+    """Compile the coupled-norms kernel (with ``found_inf``, its widest form) and read its
+    resources."""
+    from slbi_triton.kernels import triton_step
+
+    row = StaticRow(f"sm_{capability}", f"coupled norms {_SHORT[dtype]} {_SHORT[index_dtype]}",
+                    kernel="coupled norms")
+    pointers = {"group_norms_ptr": dtype, "coupled_offsets_ptr": index_dtype, "coupled_rows_ptr": index_dtype,
+                "coupled_scale_ptr": dtype, "found_inf_ptr": torch.float32}
+    constants = {"BLOCK": triton_step.COUPLED_BLOCK, "HAS_FOUND_INF": True}
+    kernel = triton_step._coupled_norms_kernel
+    _compiled_into(row, lambda: compile_kernel(kernel, pointers, constants, capability))
+    return row
 
 
 def row_json(row: StaticRow) -> dict:
@@ -447,7 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import triton
 
     jobs = quick_jobs() if args.quick else [(v, c) for c in args.arch or ARCHS for v in variants()]
-    rows = run(jobs)
+    archs = ARCHS if args.quick else args.arch or ARCHS
+    rows = run(jobs) + [analyse_coupled_norms(*job) for job in COUPLED_NORM_JOBS if job[2] in archs]
     print(f"# Triton {triton.__version__}, static (compiled, not run): {len(rows)} variants", flush=True)
     print(table(rows), flush=True)
     print(share_line(), flush=True)

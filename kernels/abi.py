@@ -11,11 +11,17 @@ defines) and the torch reference all read tables built here:
   starts ``SLOT_ALIGNMENT``-aligned; rows × row_len fits the table's integer type);
 - the **flag word** per parameter (int32): whether it takes part in this step and whether
   its momentum buffer holds ``v_t``;
-- the **hyper-parameter table** (float64, one row per param group).
+- the **hyper-parameter table** (float64, one row per param group);
+- the **coupled tables** (:class:`CoupledTables`): which group-penalty rows shrink by a
+  coupled group's norm, and the members of each group.
+
+:class:`BucketArgs` is the one list of the op's arguments (its schema, the C kernel's
+``ctypes`` types and, checked by a test, its prototype follow it).
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -76,18 +82,24 @@ two parameters are padding, zero in every buffer, and the update keeps them zero
 
 class BucketArgs(NamedTuple):
     """The arguments of ``slbi_triton::bucket_step`` (``docs/design.md``, "The kernel
-    ABI"), in order; every implementation (C, Triton, the torch reference) takes them so.
+    ABI"), in order: the one list the op's schema (:func:`op_schema`), the C kernel's
+    prototype and its ``ctypes`` argument types are derived from (or, for the C source,
+    checked against: ``tests/test_c_kernel.py``). Every implementation (C, Triton, the
+    torch reference) takes them so.
 
     Attributes:
         params, grads: the flat buffers of the bucket's dtype.
         z, momentum: the flat buffers of the state dtype (``momentum``: ``None`` when no
             group keeps a buffer).
-        group_norms: ‖Z_g‖ of every filter, in the arithmetic dtype (:func:`norm_dtype`).
+        group_norms: the arithmetic dtype (:func:`norm_dtype`): ``‖Z_r‖`` of every
+            group-penalty row (``R`` of them), then the ``C`` coupled norms ``‖Z_G‖``.
         chunks: the chunk table (:func:`chunk_table`).
         slot_flags: the flag word of each parameter (:func:`flag_words`).
         hparams: the hyper-parameter table (float64).
         rng: int64 ``[seed, step]``; the step is counted unless ``found_inf`` is set.
         inv_scale, found_inf: ``torch.amp.GradScaler``'s float32 1-element tensors, or ``None``.
+        norm_index, coupled_offsets, coupled_rows, coupled_scale: the coupled-group
+            tables (:class:`CoupledTables`), all four or none (no coupled group).
         stochastic_rounding: Z and v are bfloat16, written with stochastic rounding.
     """
 
@@ -100,9 +112,140 @@ class BucketArgs(NamedTuple):
     slot_flags: Tensor
     hparams: Tensor
     rng: Tensor
-    inv_scale: Tensor | None
-    found_inf: Tensor | None
-    stochastic_rounding: bool
+    inv_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+    norm_index: Tensor | None = None
+    coupled_offsets: Tensor | None = None
+    coupled_rows: Tensor | None = None
+    coupled_scale: Tensor | None = None
+    stochastic_rounding: bool = False
+
+
+WRITTEN_ARGS = frozenset(("params", "z", "momentum", "group_norms", "rng"))
+"""The arguments the op writes (the others it only reads)."""
+
+
+class ArgSpec(NamedTuple):
+    """One argument of the op, as its schema and the C prototype spell it."""
+
+    name: str
+    kind: str  # "Tensor" or "bool"
+    optional: bool  # may be None
+    written: bool  # the op mutates it
+
+
+def arg_specs() -> tuple[ArgSpec, ...]:
+    """The op's arguments, read off :class:`BucketArgs`' field names and types."""
+    kinds = {Tensor: ("Tensor", False), Tensor | None: ("Tensor", True), bool: ("bool", False)}
+    hints = typing.get_type_hints(BucketArgs)
+    return tuple(ArgSpec(name, *kinds[hints[name]], name in WRITTEN_ARGS) for name in BucketArgs._fields)
+
+
+def op_schema(name: str) -> str:
+    """The ``torch.library`` schema of an op taking :class:`BucketArgs`, returning nothing."""
+    aliases = iter("abcdefghijklmnopqrstuvwxyz")
+    parts = []
+    for spec in arg_specs():
+        kind = f"Tensor({next(aliases)}!)" if spec.written else spec.kind
+        parts.append(f"{kind}{'?' if spec.optional else ''} {spec.name}")
+    return f"{name}({', '.join(parts)}) -> ()"
+
+
+class CoupledTables(NamedTuple):
+    """The coupled-group tables of a bucket (``docs/design.md``, "The kernel ABI"), for
+    ``R`` group-penalty rows and ``C`` coupled groups.
+
+    Attributes:
+        norm_index: per row, the entry of ``group_norms`` its prox reads: ``r`` for a row
+            in no coupled group, ``R + c`` for a member of group ``c`` (the table's
+            integer dtype, as ``chunks``).
+        coupled_offsets: ``C + 1`` offsets into ``coupled_rows`` (same dtype).
+        coupled_rows: the member rows of group ``c``:
+            ``coupled_rows[coupled_offsets[c]:coupled_offsets[c + 1]]``, in row order.
+        coupled_scale: ``s_G = 1/sqrt(|G|)`` per group (computed in float64, stored in
+            the arithmetic dtype).
+    """
+
+    norm_index: Tensor
+    coupled_offsets: Tensor
+    coupled_rows: Tensor
+    coupled_scale: Tensor
+
+
+def coupled_tables(
+    row_keys: Tensor, dtype: torch.dtype, numel: int, follows: Tensor | None = None
+) -> CoupledTables | None:
+    """The coupled-group tables of a bucket (on the CPU), or ``None`` when no key is
+    shared by two rows.
+
+    Args:
+        row_keys: int64 per group-penalty row: ``-1`` for a row in no coupled group;
+            rows sharing a key ``>= 0`` form one coupled group (a key of one row is just
+            an uncoupled row). Groups are numbered in key order, members in row order.
+        dtype: the bucket's dtype (``coupled_scale`` is in :func:`norm_dtype` of it).
+        numel: the bucket's flat length: the index tables take the chunk table's dtype,
+            :func:`index_dtype` of it and of the ``R + C`` norms.
+        follows: bool per row (default: none): a follower row reads its group's norm
+            but is not one of its members (not summed, not counted in ``coupled_scale``);
+            a key needs a member to form a group.
+    """
+    num_rows = row_keys.numel()
+    follows = torch.zeros(num_rows, dtype=torch.bool) if follows is None else follows
+    rows = torch.nonzero(row_keys >= 0).flatten()
+    _, inverse, counts = torch.unique(row_keys[rows], return_inverse=True, return_counts=True)
+    members = torch.zeros_like(counts).index_add_(0, inverse, (~follows[rows]).to(torch.int64))
+    shared = (counts >= 2) & (members >= 1)
+    if not bool(shared.any()):
+        return None
+    number = torch.cumsum(shared.to(torch.int64), 0) - 1  # per key: its group, if shared
+    in_group = shared[inverse]
+    rows, groups = rows[in_group], number[inverse[in_group]]
+    norm_index = torch.arange(num_rows, dtype=torch.int64)
+    norm_index[rows] = num_rows + groups
+    is_member = ~follows[rows]
+    rows, groups = rows[is_member], groups[is_member]
+    order = torch.sort(groups, stable=True).indices  # rows ascend within a group
+    sizes = members[shared]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(sizes, 0)])
+    scale = (1.0 / torch.sqrt(sizes.to(torch.float64))).to(norm_dtype(dtype))
+    table_dtype = index_dtype(numel, num_rows + scale.numel())
+    return CoupledTables(
+        norm_index.to(table_dtype), offsets.to(table_dtype), rows[order].to(table_dtype), scale
+    )
+
+
+def coupling_of(args: BucketArgs) -> CoupledTables | None:
+    """The coupled tables among ``args`` (checked for their dtypes and sizes; their values
+    are the C kernel's to check), or ``None``.
+
+    Raises:
+        ValueError: if only some are given, or one does not fit the others.
+    """
+    tables = (args.norm_index, args.coupled_offsets, args.coupled_rows, args.coupled_scale)
+    if tables[0] is None and tables[1] is None and tables[2] is None and tables[3] is None:
+        return None  # the common case, every step: no loop
+    given = [t is not None for t in tables]
+    if not all(given):
+        names = ", ".join(name for name, on in zip(CoupledTables._fields, given, strict=True) if not on)
+        raise ValueError(f"the coupled tables come all four or none; missing: {names}")
+    coupling = CoupledTables(*tables)
+    num_coupled = coupling.coupled_scale.numel()
+    expected = {
+        "norm_index": (args.chunks.dtype, args.group_norms.numel() - num_coupled),
+        "coupled_offsets": (args.chunks.dtype, num_coupled + 1),
+        "coupled_rows": (args.chunks.dtype, None),
+        "coupled_scale": (norm_dtype(args.params.dtype), num_coupled),
+    }
+    for name, (dtype, numel) in expected.items():
+        table = getattr(coupling, name)
+        if table.dtype != dtype or table.dim() != 1 or not table.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous 1-D tensor of {dtype}, got {table.dtype} "
+                             f"of shape {tuple(table.shape)}")
+        if table.device != args.params.device:
+            raise ValueError(f"{name} is on {table.device}, the buffers on {args.params.device}")
+        if numel is not None and table.numel() != numel:
+            raise ValueError(f"{name} must have {numel} elements, got {table.numel()}")
+    return coupling
 
 
 @dataclass(frozen=True)

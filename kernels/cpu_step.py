@@ -177,9 +177,7 @@ def _library(dtype: torch.dtype, state_dtype: torch.dtype, variant: str) -> ctyp
         logger.warning("SLBI: cannot load the C kernel %s (%s); the CPU step uses Inductor", path, error)
         return None
     step = library.slbi_bucket_step
-    pointer = ctypes.c_void_p
-    step.argtypes = [pointer] * 6 + [ctypes.c_int, ctypes.c_int64] + [pointer] * 5 + [ctypes.c_int64] * 5
-    step.argtypes += [ctypes.c_int]
+    step.argtypes = argtypes()
     step.restype = ctypes.c_int64
     return library
 
@@ -275,10 +273,35 @@ def available(dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> boo
     return name is not None and _library(dtype, state_dtype or dtype, name) is not None
 
 
+SIZE_ARGS: tuple[tuple[str, type], ...] = (
+    ("wide_index", ctypes.c_int),
+    ("num_chunks", ctypes.c_int64),
+    ("numel", ctypes.c_int64),
+    ("num_slots", ctypes.c_int64),
+    ("num_groups", ctypes.c_int64),
+    ("num_norms", ctypes.c_int64),
+    ("num_coupled", ctypes.c_int64),
+    ("num_members", ctypes.c_int64),
+    ("prefetch_min_numel", ctypes.c_int64),
+    ("num_threads", ctypes.c_int),
+)
+"""The C kernel's arguments after those of the op: what the launcher reads off the
+buffers (the index tables' width, the chunks, elements, parameters, param groups, norms,
+coupled groups and their members), the prefetch threshold and the thread count."""
+
+
+def argtypes() -> list[type]:
+    """The ``ctypes`` types of ``slbi_bucket_step``'s arguments: a pointer per tensor of
+    :class:`.abi.BucketArgs` (``NULL`` for ``None``), an ``int`` per bool, then
+    :data:`SIZE_ARGS`."""
+    kinds = {"Tensor": ctypes.c_void_p, "bool": ctypes.c_int}
+    return [kinds[spec.kind] for spec in abi.arg_specs()] + [kind for _, kind in SIZE_ARGS]
+
+
 def launch(args: abi.BucketArgs, num_threads: int | None = None) -> None:
     """Run ``slbi_triton::bucket_step`` on CPU buffers in one call of the C kernel. Every
-    buffer's dtype, layout and size is checked here, every chunk's bounds in the kernel
-    before it writes: a bad input changes nothing.
+    buffer's dtype, layout and size is checked here, every chunk's and coupled table's
+    bounds in the kernel before it writes: a bad input changes nothing.
 
     Args:
         args: the op's arguments (:class:`.abi.BucketArgs`).
@@ -287,24 +310,23 @@ def launch(args: abi.BucketArgs, num_threads: int | None = None) -> None:
 
     Raises:
         RuntimeError: if the kernel is not available for these dtypes (see :func:`available`).
-        ValueError: if a buffer or a chunk does not fit the ABI.
+        ValueError: if a buffer, a chunk or a coupled table does not fit the ABI.
     """
-    params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, rng, inv_scale, found_inf, _ = args
-    library = _library_for(params.dtype, z.dtype, args.stochastic_rounding)
+    params, chunks, hparams, group_norms = args.params, args.chunks, args.hparams, args.group_norms
+    library = _library_for(params.dtype, args.z.dtype, args.stochastic_rounding)
     numel = params.numel()
-    norm_dtype = abi.norm_dtype(params.dtype)
     _check_buffers(
         (params, "params", params.dtype, numel),
-        (grads, "grads", params.dtype, numel),
-        (z, "z", z.dtype, numel),
-        (momentum, "momentum", z.dtype, numel),
-        (group_norms, "group_norms", norm_dtype, None),
+        (args.grads, "grads", params.dtype, numel),
+        (args.z, "z", args.z.dtype, numel),
+        (args.momentum, "momentum", args.z.dtype, numel),
+        (group_norms, "group_norms", abi.norm_dtype(params.dtype), None),
         (chunks, "chunks", chunks.dtype if chunks.dtype in (torch.int32, torch.int64) else torch.int64, None),
-        (slot_flags, "slot_flags", torch.int32, None),
+        (args.slot_flags, "slot_flags", torch.int32, None),
         (hparams, "hparams", torch.float64, None),
-        (rng, "rng", torch.int64, abi.RNG_FIELDS),
-        (inv_scale, "inv_scale", torch.float32, 1),
-        (found_inf, "found_inf", torch.float32, 1),
+        (args.rng, "rng", torch.int64, abi.RNG_FIELDS),
+        (args.inv_scale, "inv_scale", torch.float32, 1),
+        (args.found_inf, "found_inf", torch.float32, 1),
     )
     if chunks.dim() != 2 or chunks.shape[1] != abi.CHUNK_FIELDS:
         shape = tuple(chunks.shape)
@@ -312,18 +334,29 @@ def launch(args: abi.BucketArgs, num_threads: int | None = None) -> None:
     if hparams.dim() != 2 or hparams.shape[1] != abi.HPARAM_FIELDS:
         shape = tuple(hparams.shape)
         raise ValueError(f"hparams must have shape (num_groups, {abi.HPARAM_FIELDS}), got {shape}")
+    coupling = abi.coupling_of(args)
+    num_coupled = 0 if coupling is None else coupling.coupled_scale.numel()
     bad = library.slbi_bucket_step(
-        params.data_ptr(), grads.data_ptr(), z.data_ptr(), None if momentum is None else momentum.data_ptr(),
-        group_norms.data_ptr(), chunks.data_ptr(), chunks.dtype == torch.int64, chunks.shape[0],
-        slot_flags.data_ptr(), hparams.data_ptr(), rng.data_ptr(),
-        None if inv_scale is None else inv_scale.data_ptr(),
-        None if found_inf is None else found_inf.data_ptr(),
-        numel, slot_flags.numel(), hparams.shape[0], group_norms.numel(),
-        PREFETCH_MIN_NUMEL.get(z.dtype, NO_PREFETCH),
+        *[_pointer(value) for value in args[:-1]], args.stochastic_rounding,
+        chunks.dtype == torch.int64, chunks.shape[0], numel, args.slot_flags.numel(), hparams.shape[0],
+        group_norms.numel(), num_coupled, 0 if coupling is None else coupling.coupled_rows.numel(),
+        PREFETCH_MIN_NUMEL.get(args.z.dtype, NO_PREFETCH),
         num_threads if num_threads is not None else torch.get_num_threads(),
     )
     if bad >= 0:  # checked before anything was written
         raise ValueError(f"chunk {bad} {chunks[bad].tolist()} reaches outside the buffers or tables")
+    if bad == _BAD_COUPLING:
+        raise ValueError("a coupled table (norm_index, coupled_offsets, coupled_rows) reaches outside "
+                         "group_norms or the member list; nothing was written")
+    if bad == _BAD_BUILD:  # _library_for chose the build: a mismatch is a defect here
+        raise RuntimeError("the C kernel was called with another stochastic_rounding than its build")
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+_BAD_COUPLING, _BAD_BUILD = -2, -3  # slbi_bucket_step's other refusals (SLBI_BAD_*)
 
 
 def _library_for(dtype: torch.dtype, state_dtype: torch.dtype, stochastic_rounding: bool) -> ctypes.CDLL:

@@ -250,8 +250,8 @@ def scratch_bucket(dtype: torch.dtype, state_dtype: torch.dtype) -> abi.BucketAr
         abi.chunk_table(spans, abi.CPU_GEOMETRY, numel, rows),
         torch.tensor(abi.flag_words([True] * 3, [True] * 3), dtype=torch.int32),
         torch.tensor(abi.hparam_values([hparams]), dtype=torch.float64),
-        torch.tensor([0, 0], dtype=torch.int64), None, None,
-        state_dtype == torch.bfloat16 != dtype,
+        torch.tensor([0, 0], dtype=torch.int64),
+        stochastic_rounding=state_dtype == torch.bfloat16 != dtype,
     )
 
 

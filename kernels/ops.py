@@ -1,18 +1,21 @@
-"""The one custom op of slbi-triton: ``torch.ops.slbi_triton.bucket_step``.
+"""The custom ops of slbi-triton: ``torch.ops.slbi_triton.bucket_step`` and its test twin.
 
-One fused SLBI step over a flat bucket (``docs/design.md``, "The kernel ABI"), registered
-by device: the C kernel on the CPU (:mod:`.cpu_step`), the Triton kernel on CUDA
-(:mod:`.triton_step`). The optimizer calls it the same way in eager mode and inside
-``torch.compile``, where it is one opaque, correctly ordered mutation of its buffers
-(functionalised by torch); it allocates nothing, so a CUDA step can be captured in a
-CUDA graph. Its fake implementation describes no outputs: it mutates only.
+``bucket_step`` performs one fused SLBI step over a flat bucket (``docs/design.md``, "The
+kernel ABI"), registered by device: the C kernel on the CPU (:mod:`.cpu_step`), the Triton
+kernel on CUDA (:mod:`.triton_step`). The optimizer calls it the same way in eager mode
+and inside ``torch.compile``, where it is one opaque, correctly ordered mutation of its
+buffers (functionalised by torch); it allocates nothing, so a CUDA step can be captured in
+a CUDA graph. Its fake implementation describes no outputs: it mutates only.
 
-The op is defined with ``torch.library.Library`` rather than ``torch.library.custom_op``:
-the latter's Python wrapper costs ~40 µs per eager call, this ~2 µs.
+``bucket_step_interpreted`` takes the same arguments and runs the Triton kernel on CPU
+buffers under Triton's interpreter (``TRITON_INTERPRET=1``): how the tests and a
+``backend="triton"`` optimizer on the CPU run the GPU kernel without a GPU. A second op,
+rather than a flag of the first, keeps the test-only path out of the production op's
+signature while staying an opaque op under ``torch.compile`` like the real one.
 
-Arguments: those of :class:`.abi.BucketArgs`, in order, then ``interpret_triton`` (CPU
-buffers only: run the Triton kernel under ``TRITON_INTERPRET=1`` instead of the C kernel,
-for tests).
+Both are defined with ``torch.library.Library`` rather than ``torch.library.custom_op``:
+the latter's Python wrapper costs ~40 µs per eager call, this ~2 µs. Their schema is
+derived from :class:`.abi.BucketArgs` (:func:`.abi.op_schema`).
 """
 
 from __future__ import annotations
@@ -24,14 +27,13 @@ import torch
 from . import abi, cpu_step
 
 _LIBRARY = torch.library.Library("slbi_triton", "DEF")
-_LIBRARY.define(
-    "bucket_step(Tensor(a!) params, Tensor grads, Tensor(b!) z, Tensor(c!)? momentum, "
-    "Tensor(d!) group_norms, Tensor chunks, Tensor slot_flags, Tensor hparams, Tensor(e!) rng, "
-    "Tensor? inv_scale, Tensor? found_inf, bool stochastic_rounding, bool interpret_triton) -> ()"
-)
+_LIBRARY.define(abi.op_schema("bucket_step"))
+_LIBRARY.define(abi.op_schema("bucket_step_interpreted"))
 
 bucket_step = torch.ops.slbi_triton.bucket_step.default
-"""The op, ready to call: ``bucket_step(params, grads, z, momentum, ...)``."""
+"""The op, ready to call: ``bucket_step(*abi.BucketArgs(...))``."""
+bucket_step_interpreted = torch.ops.slbi_triton.bucket_step_interpreted.default
+"""The Triton kernel under its interpreter, on CPU buffers (tests)."""
 
 
 def triton_interpreted() -> bool:
@@ -49,28 +51,34 @@ def triton_launcher():
 
 
 def _cpu(*args: object) -> None:
-    *buffers, interpret_triton = args
-    if interpret_triton:
-        launch = triton_launcher()
-        if launch is None or not triton_interpreted():
-            raise RuntimeError("interpret_triton=True needs Triton and TRITON_INTERPRET=1")
-        launch(abi.BucketArgs(*buffers))
-    else:
-        cpu_step.launch(abi.BucketArgs(*buffers))
+    cpu_step.launch(abi.BucketArgs(*args))
+
+
+def _interpreted(*args: object) -> None:
+    launch = triton_launcher()
+    if launch is None or not triton_interpreted():
+        raise RuntimeError("slbi_triton::bucket_step_interpreted needs Triton and TRITON_INTERPRET=1")
+    launch(abi.BucketArgs(*args))
 
 
 def _cuda(*args: object) -> None:
     launch = triton_launcher()
     if launch is None:
         raise RuntimeError("slbi_triton::bucket_step on CUDA needs Triton, which cannot be imported")
-    launch(abi.BucketArgs(*args[:-1]))
+    launch(abi.BucketArgs(*args))
 
 
 _LIBRARY.impl("bucket_step", _cpu, "CPU")
 _LIBRARY.impl("bucket_step", _cuda, "CUDA")
+_LIBRARY.impl("bucket_step_interpreted", _interpreted, "CPU")
 
 
 @torch.library.register_fake("slbi_triton::bucket_step")
 def _(*args: object) -> None:
     # Mutations only, no outputs: nothing to describe to the tracer.
+    return None
+
+
+@torch.library.register_fake("slbi_triton::bucket_step_interpreted")
+def _(*args: object) -> None:
     return None

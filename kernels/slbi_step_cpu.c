@@ -19,6 +19,12 @@
  * once and W, Z, v written once. Each chunk owns whole rows: the result does not depend
  * on the number of threads.
  *
+ * Coupled groups (docs/design.md, "Coupled channel groups"): with a norm_index table, a
+ * row shrinks by the norm group_norms[norm_index[r]] (its own, or its coupled group's);
+ * the step still writes each row's own norm, and after the parallel loop a serial pass
+ * writes each coupled norm s_G * sqrt(sum of its members' own norms squared), summed in
+ * member order so that every implementation gets the same bits.
+ *
  * Variants (chosen per machine by kernels/cpu_tune.py, which times them; every variant
  * writes the same W, Z and v): in buckets of at least prefetch_min_numel elements (an
  * argument, cpu_step.PREFETCH_MIN_NUMEL: smaller ones stay in the caches), a build with
@@ -243,7 +249,14 @@ static inline __attribute__((always_inline)) scalar_t update_range(
 
 typedef struct {
     int64_t start, rows, row_len, end, norm_offset;
+    const void *norm_index; /* NULL: each row shrinks by its own norm */
+    int wide_index;         /* the index tables are int64 (else int32) */
 } chunk_t;
+
+static inline int64_t entry(const void *table, int wide, int64_t i)
+{
+    return wide ? ((const int64_t *)table)[i] : ((const int32_t *)table)[i];
+}
 
 static inline __attribute__((always_inline)) void update_chunk(
     scalar_t *w, const scalar_t *g, state_t *z, state_t *v, scalar_t *norms, const chunk_t k,
@@ -261,7 +274,8 @@ static inline __attribute__((always_inline)) void update_chunk(
     scalar_t *row_norms = norms + k.norm_offset;
     for (int64_t r = 0; r < k.rows; ++r) {
         const int64_t at = k.start + r * k.row_len;
-        const scalar_t norm = row_norms[r];
+        const scalar_t norm = k.norm_index ? norms[entry(k.norm_index, k.wide_index, k.norm_offset + r)]
+                                           : row_norms[r];
         const scalar_t shrink = norm > 0 ? fmax(1 - c.lam / norm, (scalar_t)0) : 0;
         const scalar_t sq_sum = update_range(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, at,
                                              k.row_len, PENALTY_GROUP, v_mode, c, shrink);
@@ -271,15 +285,14 @@ static inline __attribute__((always_inline)) void update_chunk(
 
 static inline int64_t field(const void *chunks, int wide, int64_t k, int f)
 {
-    return wide ? ((const int64_t *)chunks)[k * CHUNK_FIELDS + f]
-                : ((const int32_t *)chunks)[k * CHUNK_FIELDS + f];
+    return entry(chunks, wide, k * CHUNK_FIELDS + f);
 }
 
 /* The first chunk that reaches outside the buffers or tables, or -1: checked before the
  * step writes anything (static: the step calls it). An l1/"none" chunk's rows may run past its tensor (the span is
- * cut at CHUNK_END); a group chunk's rows may not. */
+ * cut at CHUNK_END); a group chunk's rows may not, nor its norms past the num_rows own ones. */
 static int64_t slbi_check_chunks(const void *chunks, int wide, int64_t num_chunks, int64_t numel,
-                          int64_t num_slots, int64_t num_groups, int64_t num_norms)
+                          int64_t num_slots, int64_t num_groups, int64_t num_rows)
 {
     for (int64_t k = 0; k < num_chunks; ++k) {
         const int64_t start = field(chunks, wide, k, CHUNK_START), rows = field(chunks, wide, k, CHUNK_ROWS);
@@ -291,46 +304,91 @@ static int64_t slbi_check_chunks(const void *chunks, int wide, int64_t num_chunk
                  && row_len >= 0 && row_len < (1LL << 31) && slot >= 0 && slot < num_slots && row >= 0
                  && row < num_groups && penalty >= PENALTY_NONE && penalty <= PENALTY_GROUP;
         if (ok && penalty == PENALTY_GROUP)
-            ok = start + rows * row_len <= numel && norm >= 0 && norm + rows <= num_norms;
+            ok = start + rows * row_len <= numel && norm >= 0 && norm + rows <= num_rows;
         if (!ok)
             return k;
     }
     return -1;
 }
 
+/* Whether the coupled tables stay inside group_norms and the member list, checked before
+ * the step writes anything: a row reads its own norm or a coupled one (never another
+ * row's, which another thread writes), the offsets run from 0 to num_members without
+ * going back, every member is a row. Without tables (NULL) there are no coupled norms. */
+static int slbi_check_coupling(const void *norm_index, const void *offsets, const void *rows, const void *scale,
+                               int wide, int64_t num_rows, int64_t num_coupled, int64_t num_members)
+{
+    if (!norm_index || !offsets || !rows || !scale)
+        return !norm_index && !offsets && !rows && !scale && num_coupled == 0;
+    if (num_rows < 0 || num_coupled < 0 || entry(offsets, wide, 0) != 0
+        || entry(offsets, wide, num_coupled) != num_members)
+        return 0;
+    for (int64_t r = 0; r < num_rows; ++r) {
+        const int64_t at = entry(norm_index, wide, r);
+        if (at != r && (at < num_rows || at >= num_rows + num_coupled))
+            return 0;
+    }
+    for (int64_t c = 0; c < num_coupled; ++c)
+        if (entry(offsets, wide, c + 1) < entry(offsets, wide, c))
+            return 0;
+    for (int64_t m = 0; m < num_members; ++m) {
+        const int64_t row = entry(rows, wide, m);
+        if (row < 0 || row >= num_rows)
+            return 0;
+    }
+    return 1;
+}
+
 /* Updates the bucket and counts the step (rng[RNG_STEP] += 1), or does nothing when
- * *found_inf != 0 (inf/NaN gradients under torch.amp.GradScaler). inv_scale and found_inf
- * may be NULL; chunks are int64 when wide_chunks, else int32; buckets of at least
- * prefetch_min_numel elements take the tiled, prefetching walk where the build has one
- * (SLBI_PREFETCH_BYTES > 0). Returns -1, or the index
- * of the first chunk that reaches outside the buffers (then nothing was written). */
-int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v, scalar_t *norms,
-                         const void *chunks, int wide_chunks, int64_t num_chunks, const int32_t *slot_flags,
+ * *found_inf != 0 (inf/NaN gradients under torch.amp.GradScaler). The arguments are those
+ * of the op (kernels/abi.py, BucketArgs, in order: a test checks this prototype against
+ * it), then the sizes the launcher reads off them (kernels/cpu_step.py, SIZE_ARGS).
+ * inv_scale, found_inf and the four coupled tables may be NULL; chunks and the index
+ * tables are int64 when wide_index, else int32; buckets of at least prefetch_min_numel
+ * elements take the tiled, prefetching walk where the build has one (SLBI_PREFETCH_BYTES > 0).
+ * Returns -1; or, having written nothing, the
+ * index of the first chunk that reaches outside the buffers, SLBI_BAD_COUPLING when a
+ * coupled table does, SLBI_BAD_BUILD when stochastic_rounding is not this build's. */
+enum { SLBI_BAD_COUPLING = -2, SLBI_BAD_BUILD = -3 };
+
+int64_t slbi_bucket_step(scalar_t *params, const scalar_t *grads, state_t *z, state_t *momentum,
+                         scalar_t *group_norms, const void *chunks, const int32_t *slot_flags,
                          const double *hparams, int64_t *rng, const float *inv_scale, const float *found_inf,
-                         int64_t numel, int64_t num_slots, int64_t num_groups, int64_t num_norms,
+                         const void *norm_index, const void *coupled_offsets, const void *coupled_rows,
+                         const scalar_t *coupled_scale, int stochastic_rounding, int wide_index,
+                         int64_t num_chunks, int64_t numel, int64_t num_slots, int64_t num_groups,
+                         int64_t num_norms, int64_t num_coupled, int64_t num_members,
                          int64_t prefetch_min_numel, int num_threads)
 {
-    const int64_t bad = slbi_check_chunks(chunks, wide_chunks, num_chunks, numel, num_slots, num_groups,
-                                          num_norms);
+    if (stochastic_rounding != SLBI_STATE_BF16)
+        return SLBI_BAD_BUILD;
+    const int64_t num_rows = num_norms - num_coupled;
+    const int64_t bad = slbi_check_chunks(chunks, wide_index, num_chunks, numel, num_slots, num_groups,
+                                          num_rows);
     if (bad >= 0)
         return bad;
+    if (!slbi_check_coupling(norm_index, coupled_offsets, coupled_rows, coupled_scale, wide_index, num_rows,
+                             num_coupled, num_members))
+        return SLBI_BAD_COUPLING;
     if (found_inf != 0 && *found_inf != 0.0f)
         return -1;
     const scalar_t scale = inv_scale != 0 ? (scalar_t)*inv_scale : (scalar_t)1;
     const uint32_t seed = (uint32_t)rng[RNG_SEED], step_mix = (uint32_t)rng[RNG_STEP] * 0xC2B2AE3Du;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads) if (num_threads > 1)
     for (int64_t k = 0; k < num_chunks; ++k) {
-        const int32_t flags = slot_flags[field(chunks, wide_chunks, k, CHUNK_SLOT)];
+        const int32_t flags = slot_flags[field(chunks, wide_index, k, CHUNK_SLOT)];
         if (!(flags & FLAG_ACTIVE))
             continue;
         const chunk_t chunk = {
-            .start = field(chunks, wide_chunks, k, CHUNK_START),
-            .rows = field(chunks, wide_chunks, k, CHUNK_ROWS),
-            .row_len = field(chunks, wide_chunks, k, CHUNK_ROW_LEN),
-            .end = field(chunks, wide_chunks, k, CHUNK_END),
-            .norm_offset = field(chunks, wide_chunks, k, CHUNK_NORM_OFFSET),
+            .start = field(chunks, wide_index, k, CHUNK_START),
+            .rows = field(chunks, wide_index, k, CHUNK_ROWS),
+            .row_len = field(chunks, wide_index, k, CHUNK_ROW_LEN),
+            .end = field(chunks, wide_index, k, CHUNK_END),
+            .norm_offset = field(chunks, wide_index, k, CHUNK_NORM_OFFSET),
+            .norm_index = norm_index,
+            .wide_index = wide_index,
         };
-        const double *hp = hparams + field(chunks, wide_chunks, k, CHUNK_HPARAM_ROW) * HPARAM_FIELDS;
+        const double *hp = hparams + field(chunks, wide_index, k, CHUNK_HPARAM_ROW) * HPARAM_FIELDS;
         const coefficients c = {
             .lr_kappa = (scalar_t)(hp[HP_LR] * hp[HP_KAPPA]),
             .lr_over_mu = (scalar_t)(hp[HP_LR] / hp[HP_MU]),
@@ -345,16 +403,16 @@ int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v,
             .step_mix = step_mix,
             .prefetch = SLBI_PREFETCH_BYTES > 0 && numel >= prefetch_min_numel,
         };
-        const int v_mode = hp[HP_USE_MOMENTUM] == 0.0 || v == 0 ? V_NONE
+        const int v_mode = hp[HP_USE_MOMENTUM] == 0.0 || momentum == 0 ? V_NONE
                            : (flags & FLAG_MOMENTUM_READY) ? V_HISTORY
                                                            : V_FIRST;
-        const int penalty = (int)field(chunks, wide_chunks, k, CHUNK_PENALTY);
+        const int penalty = (int)field(chunks, wide_index, k, CHUNK_PENALTY);
         /* Constant arguments: each (penalty, momentum) case compiles to its own loop. */
-#define UPDATE(P)                                                                   \
-    switch (v_mode) {                                                               \
-    case V_NONE: update_chunk(w, g, z, v, norms, chunk, P, V_NONE, c); break;       \
-    case V_FIRST: update_chunk(w, g, z, v, norms, chunk, P, V_FIRST, c); break;     \
-    default: update_chunk(w, g, z, v, norms, chunk, P, V_HISTORY, c); break;        \
+#define UPDATE(P)                                                                                     \
+    switch (v_mode) {                                                                                 \
+    case V_NONE: update_chunk(params, grads, z, momentum, group_norms, chunk, P, V_NONE, c); break;   \
+    case V_FIRST: update_chunk(params, grads, z, momentum, group_norms, chunk, P, V_FIRST, c); break; \
+    default: update_chunk(params, grads, z, momentum, group_norms, chunk, P, V_HISTORY, c); break;    \
     }
         switch (penalty) {
         case PENALTY_NONE: UPDATE(PENALTY_NONE); break;
@@ -362,6 +420,17 @@ int64_t slbi_bucket_step(scalar_t *w, const scalar_t *g, state_t *z, state_t *v,
         default: UPDATE(PENALTY_GROUP); break;
         }
 #undef UPDATE
+    }
+    /* Every own norm is written: the coupled ones, in member order (one sum, one order). */
+    for (int64_t group = 0; group < num_coupled; ++group) {
+        const int64_t first = entry(coupled_offsets, wide_index, group);
+        const int64_t stop = entry(coupled_offsets, wide_index, group + 1);
+        scalar_t sq_sum = 0;
+        for (int64_t m = first; m < stop; ++m) {
+            const scalar_t norm = group_norms[entry(coupled_rows, wide_index, m)];
+            sq_sum += norm * norm;
+        }
+        group_norms[num_rows + group] = coupled_scale[group] * sqrt(sq_sum);
     }
     rng[RNG_STEP] += 1;
     return -1;

@@ -34,6 +34,13 @@ another order). On a GPU, ``/`` and ``sqrt`` are Triton's fast float32 versions 
 ulp): IEEE ones call a slow-path subroutine that costs registers and spills; float64
 buckets multiply by 1/μ instead of dividing by μ (within 1 ulp).
 
+Coupled groups (``docs/design.md``, "Coupled channel groups"; ``HAS_COUPLING``): a group
+row's shrink reads ``group_norms[norm_index[r]]`` (its own norm, or its coupled group's);
+the step still writes every row's own norm, and a second, small launch
+(``_coupled_norms_kernel``, one lane per coupled group) then writes the coupled norms,
+summing the members' squares in member order with an IEEE square root, so that they are
+the same bits as the C kernel's and the torch reference's from the same own norms.
+
 Mixed precision (``torch.amp.GradScaler``): the gradients are multiplied by ``1/scale`` as
 they are loaded, and when ``found_inf`` is non-zero every program stores nothing, so a
 step with inf/NaN gradients leaves W, Z, v and the norms as they were, with no host sync.
@@ -168,11 +175,11 @@ def _group_scale(norm, lam):
 
 @triton.jit
 def _stream(
-    w_ptr, g_ptr, z_ptr, v_ptr, group_norms_ptr, start, length, norm_offset, live, penalised,
+    w_ptr, g_ptr, z_ptr, v_ptr, group_norms_ptr, norm_index_ptr, start, length, norm_offset, live, penalised,
     momentum_history, use_momentum, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, inv_mu,
     lr_kappa, lr_over_mu, seed, step,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, COMPUTE: tl.constexpr,
-    HAS_INV_SCALE: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr,
+    HAS_INV_SCALE: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, HAS_COUPLING: tl.constexpr,
 ):
     """The 1-D path over ``length`` elements from ``start`` (both multiples of ``ALIGN``):
     an l1/"none" chunk, or (``GROUP``) a one-row group chunk, whose norm it writes."""
@@ -188,7 +195,10 @@ def _stream(
     v_ptr += start
     group_scale = 0.0
     if GROUP:
-        group_scale = _group_scale(tl.load(group_norms_ptr + norm_offset), lam)
+        norm_at = norm_offset
+        if HAS_COUPLING:  # the norm its shrink reads: its own, or its coupled group's
+            norm_at = tl.load(norm_index_ptr + norm_offset)
+        group_scale = _group_scale(tl.load(group_norms_ptr + norm_at), lam)
     lanes = tl.arange(0, BLOCK)
     z_sq_sum = tl.zeros([BLOCK], dtype=COMPUTE)
     for first in range(0, length, BLOCK):
@@ -207,11 +217,11 @@ def _stream(
 
 @triton.jit
 def _rows(
-    w_ptr, g_ptr, z_ptr, v_ptr, group_norms_ptr, start, row_len, live_rows, v_load_rows, v_store_rows,
-    norm_offset, momentum_history, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, inv_mu,
-    lr_kappa, lr_over_mu, seed, step,
+    w_ptr, g_ptr, z_ptr, v_ptr, group_norms_ptr, norm_index_ptr, start, row_len, live_rows, v_load_rows,
+    v_store_rows, norm_offset, momentum_history, inv_scale, weight_decay, rho, one_minus_dampening, kappa,
+    lam, inv_mu, lr_kappa, lr_over_mu, seed, step,
     ROWS: tl.constexpr, COLS: tl.constexpr, COMPUTE: tl.constexpr, HAS_INV_SCALE: tl.constexpr,
-    STOCHASTIC_ROUNDING: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr, HAS_COUPLING: tl.constexpr,
 ):
     """The 2-D path over a group chunk: ``[ROWS, COLS]`` tiles, one group a row (rows at
     or past a bound are masked out); writes the rows' norms. Aligned when the caller
@@ -226,7 +236,10 @@ def _rows(
     v_load = rows < v_load_rows
     v_store = rows < v_store_rows
     row_offs = rows.to(row_len.dtype) * row_len
-    norms = tl.load(group_norms_ptr + norm_offset + rows, mask=live, other=0.0)
+    norm_at = norm_offset + rows
+    if HAS_COUPLING:  # the norm each row's shrink reads: its own, or its coupled group's
+        norm_at = tl.load(norm_index_ptr + norm_at, mask=live, other=0)
+    norms = tl.load(group_norms_ptr + norm_at, mask=live, other=0.0)
     group_scale = _group_scale(norms, lam)[:, None]
     cols = tl.arange(0, COLS)
     z_sq_sum = tl.zeros([ROWS], dtype=COMPUTE)
@@ -258,6 +271,7 @@ def _slbi_bucket_kernel(
     rng_ptr,
     inv_scale_ptr,
     found_inf_ptr,
+    norm_index_ptr,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
     SCALAR_COLS: tl.constexpr,
@@ -269,6 +283,7 @@ def _slbi_bucket_kernel(
     HAS_INV_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr,
+    HAS_COUPLING: tl.constexpr,
 ):
     # Offsets in the table's integer type: int32 tables keep every offset below 2**31.
     chunk = chunks_ptr + tl.program_id(0).to(tl.int64) * N_CHUNK_FIELDS
@@ -311,24 +326,25 @@ def _slbi_bucket_kernel(
     if penalty == _PENALTY_GROUP:
         if row_len % ALIGN != 0:
             _rows(
-                params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, start, row_len, live_rows,
-                v_load_rows, v_store_rows, norm_offset, momentum_history, inv_scale, weight_decay, rho,
-                one_minus_dampening, kappa, lam, inv_mu, lr_kappa, lr_over_mu, seed, step,
-                ROWS, SCALAR_COLS, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+                params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, norm_index_ptr, start, row_len,
+                live_rows, v_load_rows, v_store_rows, norm_offset, momentum_history, inv_scale, weight_decay,
+                rho, one_minus_dampening, kappa, lam, inv_mu, lr_kappa, lr_over_mu, seed, step,
+                ROWS, SCALAR_COLS, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING, HAS_COUPLING,
             )
         elif num_rows > 1:
             _rows(
-                params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, (start // ALIGN) * ALIGN,
-                (row_len // ALIGN) * ALIGN, live_rows, v_load_rows, v_store_rows, norm_offset,
-                momentum_history, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam, inv_mu,
-                lr_kappa, lr_over_mu, seed, step, ROWS, COLS, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+                params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, norm_index_ptr,
+                (start // ALIGN) * ALIGN, (row_len // ALIGN) * ALIGN, live_rows, v_load_rows, v_store_rows,
+                norm_offset, momentum_history, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam,
+                inv_mu, lr_kappa, lr_over_mu, seed, step, ROWS, COLS, COMPUTE, HAS_INV_SCALE,
+                STOCHASTIC_ROUNDING, HAS_COUPLING,
             )
         else:  # one row: the 1-D path
             _stream(
-                params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, start, row_len, norm_offset,
-                live_rows > 0, True, momentum_history, use_momentum, inv_scale, weight_decay, rho,
-                one_minus_dampening, kappa, lam, inv_mu, lr_kappa, lr_over_mu, seed, step,
-                True, BLOCK, ALIGN, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+                params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, norm_index_ptr, start, row_len,
+                norm_offset, live_rows > 0, True, momentum_history, use_momentum, inv_scale, weight_decay,
+                rho, one_minus_dampening, kappa, lam, inv_mu, lr_kappa, lr_over_mu, seed, step,
+                True, BLOCK, ALIGN, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING, HAS_COUPLING,
             )
     else:
         # l1/"none" rows are back to back and a multiple of 16 long: the chunk's end is
@@ -336,12 +352,43 @@ def _slbi_bucket_kernel(
         end = (end + _SLOT_ALIGNMENT - 1) // _SLOT_ALIGNMENT * _SLOT_ALIGNMENT
         length = tl.minimum(num_rows * row_len, end - start)
         _stream(
-            params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, start, length, norm_offset,
-            live_rows > 0, penalty != 0,
+            params_ptr, grads_ptr, z_ptr, momentum_ptr, group_norms_ptr, norm_index_ptr, start, length,
+            norm_offset, live_rows > 0, penalty != 0,
             momentum_history, use_momentum, inv_scale, weight_decay, rho, one_minus_dampening, kappa, lam,
             inv_mu, lr_kappa, lr_over_mu, seed, step,
-            False, BLOCK, ALIGN, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING,
+            False, BLOCK, ALIGN, COMPUTE, HAS_INV_SCALE, STOCHASTIC_ROUNDING, HAS_COUPLING,
         )
+
+
+@triton.jit
+def _coupled_norms_kernel(
+    group_norms_ptr, coupled_offsets_ptr, coupled_rows_ptr, coupled_scale_ptr, found_inf_ptr, num_rows,
+    num_coupled, BLOCK: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+):
+    """``group_norms[num_rows + c] = coupled_scale[c] · sqrt(Σ group_norms[member]²)``,
+    one lane per coupled group ``c``, the squares added in member order (no FMA: the
+    launch options), the square root rounded to nearest as IEEE says (``sqrt_rn``; in
+    float64 ``sqrt`` is exact-rounded already): the bits of the C kernel's serial pass."""
+    groups = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = groups < num_coupled
+    stored = live  # (masks are built by comparing with bounds, see _update_tile)
+    if HAS_FOUND_INF:  # inf/NaN gradients: nothing is written
+        stored = groups < tl.where(tl.load(found_inf_ptr) == 0.0, num_coupled, 0)
+    first = tl.load(coupled_offsets_ptr + groups, mask=live, other=0)
+    count = tl.load(coupled_offsets_ptr + groups + 1, mask=live, other=0) - first
+    sq_sum = tl.zeros([BLOCK], dtype=group_norms_ptr.dtype.element_ty)
+    for member in range(0, tl.max(count, axis=0)):
+        present = member < count
+        row = tl.load(coupled_rows_ptr + first + member, mask=present, other=0)
+        norm = tl.load(group_norms_ptr + row, mask=present, other=0.0)
+        sq_sum = sq_sum + norm * norm
+    root = tl.sqrt(sq_sum) if group_norms_ptr.dtype.element_ty == tl.float64 else tl.sqrt_rn(sq_sum)
+    norms = tl.load(coupled_scale_ptr + groups, mask=live, other=0.0) * root
+    tl.store(group_norms_ptr + num_rows + groups, norms, mask=stored)
+
+
+COUPLED_BLOCK = 32 * NUM_WARPS
+"""Coupled groups per program of ``_coupled_norms_kernel``: one per thread."""
 
 
 @functools.cache
@@ -371,29 +418,43 @@ LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 
 
 def launch(args: abi.BucketArgs) -> None:
-    """Run ``slbi_triton::bucket_step`` (:class:`.abi.BucketArgs`) in one launch, then
-    count the step in ``rng`` unless ``found_inf`` is set."""
-    params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, rng, inv_scale, found_inf, _ = args
-    stochastic_rounding = args.stochastic_rounding
-    num_chunks = chunks.shape[0]
+    """Run ``slbi_triton::bucket_step`` (:class:`.abi.BucketArgs`): the step in one
+    launch, the coupled norms (if any) in a second, then count the step in ``rng``
+    unless ``found_inf`` is set.
+
+    Raises:
+        ValueError: if the coupled tables do not fit the buffers (:func:`.abi.coupling_of`).
+    """
+    coupling = abi.coupling_of(args)
+    hparams, found_inf = args.hparams, args.found_inf
+    num_chunks = args.chunks.shape[0]
     if num_chunks > 0:
         _slbi_bucket_kernel[(num_chunks,)](
-            params,
-            grads,
-            z,
+            args.params,
+            args.grads,
+            args.z,
             # Unused pointers when absent (flags or constexprs keep them from being read).
-            momentum if momentum is not None else z,
-            group_norms,
-            chunks,
-            slot_flags,
+            args.momentum if args.momentum is not None else args.z,
+            args.group_norms,
+            args.chunks,
+            args.slot_flags,
             hparams,
-            rng,
-            inv_scale if inv_scale is not None else hparams,
+            args.rng,
+            args.inv_scale if args.inv_scale is not None else hparams,
             found_inf if found_inf is not None else hparams,
-            **kernel_constants(params.dtype),
-            HAS_INV_SCALE=inv_scale is not None,
+            coupling.norm_index if coupling is not None else args.chunks,
+            **kernel_constants(args.params.dtype),
+            HAS_INV_SCALE=args.inv_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
-            STOCHASTIC_ROUNDING=stochastic_rounding,
+            STOCHASTIC_ROUNDING=args.stochastic_rounding,
+            HAS_COUPLING=coupling is not None,
             **LAUNCH_OPTIONS,
         )
-    abi.count_step_(rng, found_inf)
+    num_coupled = 0 if coupling is None else coupling.coupled_scale.numel()
+    if num_coupled > 0:
+        _coupled_norms_kernel[(triton.cdiv(num_coupled, COUPLED_BLOCK),)](
+            args.group_norms, coupling.coupled_offsets, coupling.coupled_rows, coupling.coupled_scale,
+            found_inf if found_inf is not None else hparams, args.group_norms.numel() - num_coupled,
+            num_coupled, BLOCK=COUPLED_BLOCK, HAS_FOUND_INF=found_inf is not None, **LAUNCH_OPTIONS,
+        )
+    abi.count_step_(args.rng, found_inf)

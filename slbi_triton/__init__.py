@@ -5,10 +5,12 @@
 ``step(record=True)``; ``SLBI.kernels()`` reports which kernel runs which parameters.
 """
 
+from .coupling import ModuleGraphError, param_groups
 from .dispatch import KernelInfo
 from .optimizer import SLBI
 from .recording import load_records
 from .slimming import SlimError, SlimResult, slim
+from .targets import MacModel, channel_norms, prune_to
 from .toolbox import SENTINEL_EPOCH, LayerSparsity, UnknownLayerError
 
 __all__ = [
@@ -16,10 +18,15 @@ __all__ = [
     "SLBI",
     "KernelInfo",
     "LayerSparsity",
+    "MacModel",
+    "ModuleGraphError",
     "SlimError",
     "SlimResult",
     "UnknownLayerError",
+    "channel_norms",
     "load_records",
+    "param_groups",
+    "prune_to",
     "slim",
 ]
 __version__ = "0.2.0"

@@ -5,6 +5,11 @@ of every parameter of one (device, dtype), its group norms and its step counter;
 :class:`Slot` is one parameter's place in it. Each parameter's ``.data``, ``.grad`` and
 state tensors are views into these buffers (docs/design.md, "The flat buffers").
 
+Coupled channel groups (docs/design.md, "Coupled channel groups"): rows of group-penalised
+slots that share a ``channel_ids`` value within their param group shrink together; the
+bucket builds the ABI's coupled tables for them (:attr:`FlatBucket.coupling`) and keeps the
+coupled norms after its rows' own norms in :attr:`FlatBucket.group_norms`.
+
 Layout: slots are sorted by (param group, penalty, group size, parameter order), so that
 the torch backend updates long *runs* sharing hyper-parameters with a few vectorised ops;
 every slot starts at a multiple of ``abi.SLOT_ALIGNMENT`` elements. Padding stays zero in
@@ -33,6 +38,9 @@ class Slot:
     index: int  # position in the optimizer's parameter order (state_dict index)
     group_index: int  # the param group (row of the hyper-parameter table)
     penalty: str  # "l1", "group" or "none"
+    # Per row (dim 0) the coupled-group id within the param group, -1 for none (CPU int64).
+    channel_ids: Tensor | None = None
+    follows: bool = False  # its rows follow their coupled group without counting in its norm
     offset: int = 0  # first element in the flat buffers
     norm_offset: int = 0  # first group norm (group penalty)
     strides: tuple[int, ...] = ()
@@ -131,6 +139,16 @@ class FlatBucket:
             offset = _align(offset + slot.numel)
             norm_offset += slot.num_groups
         self.numel = offset
+        self.num_rows = norm_offset
+        """Group-penalty rows: their own norms are ``group_norms[:num_rows]``."""
+        self.coupling = self._coupled_tables()
+        """The ABI's coupled tables on the bucket's device (``None``: no coupled group)."""
+        self.coupled_members = (
+            None if self.coupling is None
+            else functional.member_table(self.coupling.coupled_offsets, self.coupling.coupled_rows)
+        )
+        """:func:`functional.member_table` of :attr:`coupling`, for the torch paths."""
+        num_coupled = 0 if self.coupling is None else self.coupling.coupled_scale.numel()
         # Every step streams these four side by side: huge pages on the CPU, one lane each.
         self.params = hugepages.zeros(self.numel, self.dtype, self.device, lane=0)
         self.grads = hugepages.zeros(self.numel, self.dtype, self.device, lane=1)
@@ -138,7 +156,9 @@ class FlatBucket:
         self.momentum: Tensor | None = (
             hugepages.zeros(self.numel, self.state_dtype, self.device, lane=3) if momentum else None
         )
-        self.group_norms = torch.zeros(norm_offset, device=self.device, dtype=abi.norm_dtype(self.dtype))
+        self.group_norms = torch.zeros(
+            norm_offset + num_coupled, device=self.device, dtype=abi.norm_dtype(self.dtype)
+        )
         self.rng = torch.tensor(rng, dtype=torch.int64, device=self.device)
         for slot in self.slots:
             slot.param_view = self.view_of(self.params, slot)
@@ -149,6 +169,28 @@ class FlatBucket:
         self._flags_cache: tuple[tuple[int, ...], Tensor] | None = None
         self.frozen: tuple[Tensor, Tensor] | None = None  # flat masks of W and the norms
         self._frozen_partial: list[Slot] = []
+
+    def _coupled_tables(self) -> abi.CoupledTables | None:
+        """The coupled tables from the slots' ``channel_ids``: rows of one param group
+        sharing an id form a coupled group (numbered by (param group, id))."""
+        parts = [
+            (slot.norm_offset, torch.full_like(slot.channel_ids, slot.group_index), slot.channel_ids,
+             torch.full_like(slot.channel_ids, slot.follows, dtype=torch.bool))
+            for slot in self.slots if slot.channel_ids is not None and slot.penalty == "group"
+        ]
+        if not parts:
+            return None
+        row_keys = torch.full((self.num_rows,), -1, dtype=torch.int64)
+        follows = torch.zeros(self.num_rows, dtype=torch.bool)
+        groups, ids, following = (torch.cat([part[at] for part in parts]) for at in (1, 2, 3))
+        pairs = torch.stack([groups, ids])
+        _, keys = torch.unique(pairs, dim=1, return_inverse=True)
+        keys = torch.where(pairs[1] >= 0, keys, -1)
+        rows = torch.cat([torch.arange(first, first + ids.numel()) for first, _, ids, _ in parts])
+        row_keys[rows] = keys
+        follows[rows] = following
+        tables = abi.coupled_tables(row_keys, self.dtype, self.numel, follows)
+        return None if tables is None else abi.CoupledTables(*(t.to(self.device) for t in tables))
 
     def view_of(self, flat: Tensor, slot: Slot) -> Tensor:
         """``slot``'s view into the flat buffer ``flat``, with the parameter's layout."""
@@ -166,13 +208,32 @@ class FlatBucket:
                 slot.momentum_view = self.view_of(self.momentum, slot)
 
     def norms_of(self, slot: Slot, per_norm: Tensor | None = None) -> Tensor:
-        """``slot``'s ‖Z_g‖ (one per group) in :attr:`group_norms`, or its entries of
+        """``slot``'s own ‖Z_r‖ (one per row) in :attr:`group_norms`, or its entries of
         another tensor laid out like it (``per_norm``)."""
         flat = self.group_norms if per_norm is None else per_norm
         return flat[slot.norm_offset : slot.norm_offset + slot.num_groups]
 
+    def prox_norms_of(self, slot: Slot, own: Tensor | None = None) -> Tensor:
+        """The norm each row of ``slot``'s prox uses: its coupled group's ‖Z_G‖ where it
+        has one, else its own ‖Z_r‖ (the stored one, or ``own``'s entry if given)."""
+        if self.coupling is None:
+            return self.norms_of(slot) if own is None else own
+        at = self.norms_of(slot, self.coupling.norm_index)
+        prox = self.group_norms[at]
+        if own is not None:
+            prox = torch.where(at >= self.num_rows, prox, own.to(prox.dtype))
+        return prox
+
+    def coupled_rows_of(self, slot: Slot) -> Tensor | None:
+        """Which rows of ``slot`` are in a coupled group (bool per row), ``None`` if none."""
+        if self.coupling is None or slot.penalty != "group":
+            return None
+        coupled = self.norms_of(slot, self.coupling.norm_index) >= self.num_rows
+        return coupled if bool(coupled.any()) else None
+
     def refresh_group_norms(self, slots: list[Slot] | None = None) -> None:
-        """Recompute ‖Z_g‖ from Z (after Z was edited outside the step).
+        """Recompute ‖Z_r‖ from Z (after Z was edited outside the step), then every
+        coupled norm.
 
         Args:
             slots: the group-penalised slots to refresh (default: all of them).
@@ -181,6 +242,14 @@ class FlatBucket:
             if slot.penalty == "group":
                 z_rows = self.flat_range(self.z, slot).view(slot.num_groups, -1)
                 functional.refresh_group_norms_(z_rows, self.norms_of(slot))
+        self.refresh_coupled_norms()
+
+    def refresh_coupled_norms(self, found_inf: Tensor | None = None) -> None:
+        """Recompute the coupled norms from the own ones (as the step's second pass does,
+        to the bit); with ``found_inf`` (0-d) non-zero, keep them."""
+        if self.coupling is not None:
+            functional.coupled_norms_(self.group_norms, self.coupled_members, self.coupling.coupled_scale,
+                                      found_inf)
 
     # -- frozen entries ---------------------------------------------------------------
 
@@ -213,7 +282,8 @@ class FlatBucket:
             if buffer is not None:
                 buffer.masked_fill_(flat, 0)
         self.group_norms.masked_fill_(norms, 0)
-        if self._frozen_partial:
+        # The partial filters' own norms, and the coupled ones (a frozen member changed).
+        if self._frozen_partial or self.coupling is not None:
             self.refresh_group_norms(self._frozen_partial)
 
     # -- per-step inputs --------------------------------------------------------------

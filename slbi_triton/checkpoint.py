@@ -13,12 +13,13 @@ from typing import Any
 
 from torch import Tensor
 
+from .channel_ids import channel_ids_of, check_channel_ids
 from .pruning import Pruner
 from .toolbox import ORDER_STATE_KEYS, Toolbox, as_epochs, order_shape
 from .validation import check_group_penalty, check_hyperparameters, check_loaded_state
 
 # (group penalty, parameter index) -> the penalty the optimizer gives that parameter.
-PenaltyOf = Callable[[str, int], str]
+PenaltyOf = Callable[[str, int, bool], str]
 
 # Options of a torch.optim.SGD param group that SLBI has no use for: not loaded.
 SGD_ONLY_KEYS = ("nesterov", "maximize", "foreach", "differentiable", "fused")
@@ -122,10 +123,15 @@ def merge_groups(
         merged = {k: v for k, v in current.items() if k not in ("params", "param_names")}
         merged.update({k: v for k, v in saved.items() if k not in SGD_ONLY_KEYS})
         check_hyperparameters(merged, where)
-        check_group_penalty(merged["penalty"], current["params"], where)
+        if isinstance(merged.get("channel_ids"), (list, tuple)):  # map_location may have moved them
+            merged["channel_ids"] = [t.cpu() if isinstance(t, Tensor) else t for t in merged["channel_ids"]]
+        check_channel_ids(current["params"], merged.get("channel_ids"), where, current.get("param_names"),
+                          merged.get("channel_followers"))
+        coupled = [ids is not None for ids in channel_ids_of({**merged, "params": current["params"]})]
+        check_group_penalty(merged["penalty"], current["params"], where, coupled=coupled)
         merged_groups.append(merged)
-        for key, param in zip(saved["params"], current["params"], strict=True):
-            targets[key] = (param, penalty_of(merged["penalty"], position))
+        for key, param, has_ids in zip(saved["params"], current["params"], coupled, strict=True):
+            targets[key] = (param, penalty_of(merged["penalty"], position, has_ids))
             position += 1
     return merged_groups, targets
 

@@ -1,9 +1,11 @@
 """Which kernel runs a bucket, and how it is called: the optimizer's four paths side by side.
 
-Each bucket gets one kernel when the buffers are laid out, never per step:
+Each bucket gets one kernel when the buffers are laid out, never per step; the kernel
+object holds its bucket and the tables it reads (a step calls ``kernel(active, ...)``):
 
 - ``"triton"``: the op ``slbi_triton::bucket_step`` on CUDA (the Triton kernel), or the
-  same kernel under the Triton interpreter on the CPU (``TRITON_INTERPRET=1``, tests);
+  same kernel under the Triton interpreter on the CPU (``TRITON_INTERPRET=1``, tests: the
+  op ``slbi_triton::bucket_step_interpreted``);
 - ``"c"``: the same op on the CPU (the C kernel), for float32 buckets (with float32 or
   bfloat16 state) and float64 buckets;
 - ``"inductor"``: :func:`functional.slbi_update_` compiled by Inductor, one fused loop per
@@ -87,23 +89,33 @@ _KEYS = tuple(abi.HPARAM_KEYS.values())
 
 
 class FusedKernel:
-    """The op ``slbi_triton::bucket_step``: one call per bucket, group norms included."""
+    """One call of the op ``slbi_triton::bucket_step`` per step of its bucket, group norms
+    (own and coupled) included.
+
+    Args:
+        bucket: the bucket it updates.
+        name: ``"triton"`` or ``"c"``.
+    """
 
     def __init__(self, bucket: FlatBucket, name: str) -> None:
         self.name = name
+        self.bucket = bucket
         geometry = abi.TRITON_GEOMETRY if name == "triton" else abi.CPU_GEOMETRY
         self.chunks = bucket.chunk_table(geometry)  # built once here, never in a traced step
+        self.coupling = bucket.coupling or abi.CoupledTables(None, None, None, None)
         self.stochastic_rounding = bucket.stochastic_rounding
-        self.interpret_triton = name == "triton" and bucket.device.type == "cpu"
+        interpreted = name == "triton" and bucket.device.type == "cpu"
+        self.op = ops.bucket_step_interpreted if interpreted else ops.bucket_step
 
     def __call__(
-        self, bucket: FlatBucket, active: list[bool], groups: Sequence[Mapping[str, Any]],
-        tables: HparamTables, inv_scale: Tensor | None, found_inf: Tensor | None,
+        self, active: list[bool], groups: Sequence[Mapping[str, Any]], tables: HparamTables,
+        inv_scale: Tensor | None, found_inf: Tensor | None,
     ) -> None:
-        ops.bucket_step(
+        bucket = self.bucket
+        self.op(
             bucket.params, bucket.grads, bucket.z, bucket.momentum, bucket.group_norms, self.chunks,
-            bucket.slot_flags(active), tables.get(groups, bucket.device), bucket.rng,
-            inv_scale, found_inf, self.stochastic_rounding, self.interpret_triton,
+            bucket.slot_flags(active), tables.get(groups, bucket.device), bucket.rng, inv_scale, found_inf,
+            *self.coupling, self.stochastic_rounding,
         )
 
 
@@ -154,15 +166,23 @@ def update_variant(kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
 
 class TorchKernel:
     """:func:`functional.slbi_update_` per run of the bucket: eager, or Inductor-compiled
-    (``name="inductor"``; a failed compile logs a warning and stays eager)."""
+    (``name="inductor"``; a failed compile logs a warning and stays eager); then the
+    coupled norms (:func:`functional.coupled_norms_`).
 
-    def __init__(self, name: str) -> None:
+    Args:
+        bucket: the bucket it updates.
+        name: ``"inductor"`` or ``"eager"``.
+    """
+
+    def __init__(self, bucket: FlatBucket, name: str) -> None:
         self.name = name
+        self.bucket = bucket
 
     def __call__(
-        self, bucket: FlatBucket, active: list[bool], groups: Sequence[Mapping[str, Any]],
-        tables: HparamTables, inv_scale: Tensor | None, found_inf: Tensor | None,
+        self, active: list[bool], groups: Sequence[Mapping[str, Any]], tables: HparamTables,
+        inv_scale: Tensor | None, found_inf: Tensor | None,
     ) -> None:
+        bucket = self.bucket
         traced = torch.compiler.is_compiling()  # an outer compile fuses the update already
         for run in bucket.runs(active):
             group = groups[run.group_index]
@@ -179,7 +199,9 @@ class TorchKernel:
             else:
                 functional.slbi_update_(**kwargs)
             if run.penalty == "group":
-                functional.refresh_group_norms_(kwargs["z"], kwargs["group_norms"], found_inf)
+                own = bucket.group_norms[run.norm_start : run.norm_end]
+                functional.refresh_group_norms_(kwargs["z"], own, found_inf)
+        bucket.refresh_coupled_norms(found_inf)
         abi.count_step_(bucket.rng, found_inf)
 
     def _arguments(
@@ -189,13 +211,18 @@ class TorchKernel:
         span = slice(run.start, run.end)
         rows = (-1, run.group_size) if run.penalty == "group" else (-1,)
         has_momentum = group["momentum"] != 0 and bucket.momentum is not None
+        norms = None
+        if run.penalty == "group":  # the norms the rows' prox reads: own, or coupled
+            norms = bucket.group_norms[run.norm_start : run.norm_end]
+            if bucket.coupling is not None:
+                norms = bucket.group_norms[bucket.coupling.norm_index[run.norm_start : run.norm_end]]
         kwargs = {key: group[key] for key in abi.HPARAM_KEYS.values()}
         kwargs.update(
             w=bucket.params[span].view(rows),
             g=bucket.grads[span].view(rows),
             z=bucket.z[span].view(rows) if run.penalty != "none" else None,
             v=bucket.momentum[span].view(rows) if has_momentum else None,
-            group_norms=bucket.group_norms[run.norm_start : run.norm_end] if run.penalty == "group" else None,
+            group_norms=norms,
             penalty=run.penalty,
             momentum_ready=run.momentum_ready,
             inv_scale=inv_scale,
@@ -239,7 +266,7 @@ def choose_kernel(bucket: FlatBucket, backend: str, fused: bool | None) -> Bucke
     if on_cpu and fused is not False and cpu_step.available(bucket.dtype, bucket.state_dtype):
         return FusedKernel(bucket, "c")
     compiled = fused if fused is not None else on_cpu
-    return TorchKernel("inductor" if compiled else "eager")
+    return TorchKernel(bucket, "inductor" if compiled else "eager")
 
 
 def amp_inputs_for(

@@ -1,8 +1,8 @@
 """The SLBI math in plain torch ops: the reference every kernel is tested against, and the
 torch backend.
 
-Each function implements an equation of ``docs/design.md`` ("The update", "Stochastic
-rounding") on tensors of any shape. :func:`slbi_update_` is one step on a contiguous run
+Each function implements an equation of ``docs/design.md`` ("The update", "Coupled channel
+groups", "Stochastic rounding") on tensors of any shape. :func:`slbi_update_` is one step on a contiguous run
 of elements sharing one param group and penalty; :func:`bucket_step_reference` is the op
 ``slbi_triton::bucket_step`` written with it, reading the same ABI tables as the C and
 Triton kernels.
@@ -10,6 +10,7 @@ Triton kernels.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,12 +48,16 @@ def prox_group(z: Tensor, lam: Scalar, group_norms: Tensor | None = None) -> Ten
     return (z.reshape(z.shape[0], -1) * factor[:, None]).reshape(z.shape)
 
 
-def gamma_of(z: Tensor, kappa: Scalar, lam: Scalar, penalty: str) -> Tensor:
-    """Γ = κ · prox(Z) for one parameter tensor (never stored by the optimizer)."""
+def gamma_of(
+    z: Tensor, kappa: Scalar, lam: Scalar, penalty: str, group_norms: Tensor | None = None
+) -> Tensor:
+    """Γ = κ · prox(Z) for one parameter tensor (never stored by the optimizer); for the
+    group penalty, ``group_norms`` are the norms each row's prox uses (default: the rows'
+    own ‖Z_r‖; a coupled row's is its group's, ``FlatBucket.prox_norms_of``)."""
     if penalty == "l1":
         return kappa * prox_l1(z, lam)
     if penalty == "group":
-        return kappa * prox_group(z, lam)
+        return kappa * prox_group(z, lam, group_norms)
     raise ValueError(f"Γ is defined for penalties 'l1' and 'group', not {penalty!r}")
 
 
@@ -184,36 +189,88 @@ def refresh_group_norms_(z: Tensor, group_norms: Tensor, found_inf: Tensor | Non
         group_norms.copy_(torch.where(found_inf != 0, group_norms, norms))
 
 
+def member_table(coupled_offsets: Tensor, coupled_rows: Tensor) -> Tensor:
+    """The members of each of the ``C ≥ 1`` coupled groups as an int64 ``(M, C)`` table,
+    ``M`` the largest group: column ``c`` lists group ``c``'s rows in order, then ``-1``.
+    Built once per layout (it reads the offsets on the host)."""
+    offsets, rows = coupled_offsets.cpu().to(torch.int64), coupled_rows.cpu().to(torch.int64)
+    sizes = offsets[1:] - offsets[:-1]
+    position = torch.arange(int(sizes.max()), dtype=torch.int64)[:, None]
+    at = (offsets[:-1][None, :] + position).clamp(max=rows.numel() - 1)
+    return torch.where(position < sizes[None, :], rows[at], -1).to(coupled_rows.device)
+
+
+def sqrt_rn(x: Tensor) -> Tensor:
+    """The square root rounded to nearest, as IEEE 754 defines it and the C and Triton
+    kernels compute it: torch's vectorised CPU kernels (Sleef) may miss by an ulp. float32
+    goes through float64 (rounded twice, still exact: 53 ≥ 2·24 + 2 bits); float64 on the
+    CPU through NumPy (the hardware instruction), on CUDA torch's is exact already."""
+    if x.dtype == torch.float32:
+        return torch.sqrt(x.double()).float()
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.from_numpy(np.sqrt(x.numpy()))
+    return torch.sqrt(x)
+
+
+def coupled_norms_(
+    group_norms: Tensor, members: Tensor, coupled_scale: Tensor, found_inf: Tensor | None = None
+) -> None:
+    """Write the coupled norms ``‖Z_G‖ = s_G · sqrt(Σ_{r∈G} ‖Z_r‖²)`` into the last
+    ``C`` entries of ``group_norms`` from the rows' own norms (its first entries), the
+    squares added in member order, as the C and Triton kernels add them: the same bits.
+
+    Args:
+        group_norms: the ``R`` own norms, then the ``C`` coupled ones.
+        members: :func:`member_table` of the coupled tables.
+        coupled_scale: ``s_G`` per group, in ``group_norms``' dtype.
+        found_inf: optional 0-d float32 tensor; non-zero: keep the old norms bit for bit.
+    """
+    num_coupled = coupled_scale.numel()
+    own = group_norms[members.clamp(min=0)]
+    squares = torch.where(members >= 0, own * own, torch.zeros_like(own))
+    sq_sum = torch.zeros(num_coupled, dtype=group_norms.dtype, device=group_norms.device)
+    for position in range(members.shape[0]):  # in member order, one add at a time
+        sq_sum = sq_sum + squares[position]
+    norms = coupled_scale * sqrt_rn(sq_sum)
+    target = group_norms[group_norms.numel() - num_coupled :]
+    target.copy_(norms if found_inf is None else torch.where(found_inf != 0, target, norms))
+
+
 # -- the op, in torch ----------------------------------------------------------------------
 
 
 def bucket_step_reference(args: abi.BucketArgs) -> None:
     """``slbi_triton::bucket_step`` in torch ops, chunk by chunk from the same tables
     (slow: for tests). Every kernel is tested against it."""
-    params, grads, z, momentum, group_norms, chunks, slot_flags, hparams, rng, inv_scale, found_inf, _ = args
-    if found_inf is not None and bool(found_inf.reshape(()) != 0):
+    params, z, momentum, group_norms, rng = args.params, args.z, args.momentum, args.group_norms, args.rng
+    if args.found_inf is not None and bool(args.found_inf.reshape(()) != 0):
         return
-    inv = None if inv_scale is None else inv_scale.reshape(())
-    for chunk in chunks.tolist():
-        flags = int(slot_flags[chunk[abi.CHUNK_SLOT]])
+    coupling = abi.coupling_of(args)
+    inv = None if args.inv_scale is None else args.inv_scale.reshape(())
+    for chunk in args.chunks.tolist():
+        flags = int(args.slot_flags[chunk[abi.CHUNK_SLOT]])
         if not flags & abi.FLAG_ACTIVE:
             continue
-        hp = hparams[chunk[abi.CHUNK_HPARAM_ROW]].tolist()
+        hp = args.hparams[chunk[abi.CHUNK_HPARAM_ROW]].tolist()
         penalty = next(k for k, code in abi.PENALTY_CODES.items() if code == chunk[abi.CHUNK_PENALTY])
         start, rows, row_len = chunk[abi.CHUNK_START], chunk[abi.CHUNK_ROWS], chunk[abi.CHUNK_ROW_LEN]
         stop = min(start + rows * row_len, chunk[abi.CHUNK_END])
         shape = (rows, row_len) if penalty == "group" else (stop - start,)
         span = slice(start, stop)
-        norms = None
+        norms = prox_norms = None
         if penalty == "group":
             norms = group_norms[chunk[abi.CHUNK_NORM_OFFSET] : chunk[abi.CHUNK_NORM_OFFSET] + rows]
+            prox_norms = norms
+            if coupling is not None:
+                at = coupling.norm_index[chunk[abi.CHUNK_NORM_OFFSET] : chunk[abi.CHUNK_NORM_OFFSET] + rows]
+                prox_norms = group_norms[at.long()]
         use_momentum = hp[abi.HP_USE_MOMENTUM] != 0.0 and momentum is not None
         slbi_update_(
             params[span].view(shape),
-            grads[span].view(shape),
+            args.grads[span].view(shape),
             None if penalty == "none" else z[span].view(shape),
             momentum[span].view(shape) if use_momentum else None,
-            norms,
+            prox_norms,
             **{key: hp[column] for column, key in abi.HPARAM_KEYS.items()},
             penalty=penalty,
             momentum_ready=bool(flags & abi.FLAG_MOMENTUM_READY),
@@ -223,4 +280,7 @@ def bucket_step_reference(args: abi.BucketArgs) -> None:
         )
         if norms is not None:
             refresh_group_norms_(z[span].view(shape), norms)
+    if coupling is not None:
+        members = member_table(coupling.coupled_offsets, coupling.coupled_rows)
+        coupled_norms_(group_norms, members, coupling.coupled_scale)
     abi.count_step_(rng)

@@ -19,6 +19,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import checkpoint, dispatch, torch_private
 from .buckets import FlatBucket
+from .channel_ids import channel_ids_of
 from .dispatch import BucketKernel, HparamTables, KernelInfo, amp_inputs_for, check_backend, choose_kernel
 from .names import drop_tied
 from .penalties import ModulePenalties, owners_from
@@ -177,8 +178,8 @@ class SLBI(Optimizer):
         self._tables = HparamTables()
         self._step_calls = torch_private.StepCalls()
         self._group_checks = GroupChecks()
-        # The penalties the layout was last checked against (see _apply_group_changes).
-        self._checked_penalties: tuple[str, ...] | None = None
+        # The penalties and channel_ids the layout was last checked against (_apply_group_changes).
+        self._checked_layout: tuple[tuple[str, int], ...] | None = None
         self._own_hooks = checkpoint.OwnHooks()  # our state-dict hooks (see state_dict)
         self._pending_load: checkpoint.LoadPlan | None = None
 
@@ -260,7 +261,8 @@ class SLBI(Optimizer):
         items, names, tensors = group_params(items)
         param_group = {**param_group, "params": items}
         taken = {id(p) for group in self.param_groups for p in group["params"]}
-        check_new_params(tensors, names, merged["penalty"], where, taken)
+        check_new_params(tensors, names, merged["penalty"], where, taken, merged.get("channel_ids"),
+                         merged.get("channel_followers"))
         for param in tensors:
             check_backend(self.backend, param.device)
         first = sum(len(group["params"]) for group in self.param_groups)
@@ -293,17 +295,25 @@ class SLBI(Optimizer):
         (``"triton"``, ``"c"``, ``"inductor"`` or ``"eager"``; see ``docs/design.md``)."""
         return [
             KernelInfo(
-                bucket.kernel.name, bucket.device, bucket.dtype, bucket.state_dtype,
+                kernel.name, bucket.device, bucket.dtype, bucket.state_dtype,
                 tuple(slot.name if slot.name is not None else slot.index for slot in sorted(
                     bucket.slots, key=lambda s: s.index)),
                 dispatch.kernel_variant(bucket.kernel.name, bucket.dtype, bucket.state_dtype),
             )
-            for bucket in self._storage.buckets
+            for kernel, bucket in zip(self._storage.kernels, self._storage.buckets, strict=True)
         ]
 
     def _relayout(self, steps: int | None = None) -> None:
         self._storage.layout(self.param_groups, self.state, self._choose_kernel, steps)
-        self._checked_penalties = tuple(group["penalty"] for group in self.param_groups)
+        self._checked_layout = self._layout_key()
+
+    def _layout_key(self) -> tuple[tuple[str, int], ...]:
+        """Per group, its penalty and its ``channel_ids`` and ``channel_followers`` lists (by
+        identity: a new list re-lays)."""
+        return tuple(
+            (group["penalty"], id(group.get("channel_ids")), id(group.get("channel_followers")))
+            for group in self.param_groups
+        )
 
     def _choose_kernel(self, bucket: FlatBucket) -> BucketKernel:
         return choose_kernel(bucket, self.backend, self.fused)
@@ -411,34 +421,38 @@ class SLBI(Optimizer):
         entries are zeroed again."""
         momentum = [group["momentum"] != 0 for group in self.param_groups]
         amp_inputs: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
-        for bucket, flags in zip(self._storage.buckets, active, strict=True):
+        for kernel, flags in zip(self._storage.kernels, active, strict=True):
+            bucket = kernel.bucket
             if any(momentum[index] for index in bucket.group_indices):
                 bucket.ensure_momentum()
             if bucket.device not in amp_inputs:
                 amp_inputs[bucket.device] = amp_inputs_for(grad_scale, found_inf, bucket.device)
-            bucket.kernel(bucket, flags, self.param_groups, self._tables, *amp_inputs[bucket.device])
+            kernel(flags, self.param_groups, self._tables, *amp_inputs[bucket.device])
             bucket.apply_frozen()
 
     def _apply_group_changes(self, names_changed: bool = False) -> None:
-        """Re-lay the buffers when a parameter's penalty changed (its group's, validated
-        before, or what "auto" makes of new names)."""
-        penalties = tuple(group["penalty"] for group in self.param_groups)
-        if penalties == self._checked_penalties and not names_changed:
+        """Re-lay the buffers when a parameter's penalty changed (its group's or its
+        ``channel_ids``, validated before, or what "auto" makes of new names)."""
+        key = self._layout_key()
+        if key == self._checked_layout and not names_changed:
             return
+        coupled = [ids is not None for group in self.param_groups for ids in channel_ids_of(group)]
+        penalties = [group["penalty"] for group in self.param_groups]
         changed = [
             slot for slot in self._storage.slots
-            if self._penalty_of(self.param_groups[slot.group_index]["penalty"], slot.index) != slot.penalty
+            if slot.penalty != self._penalty_of(penalties[slot.group_index], slot.index, coupled[slot.index])
         ]
-        if changed:
-            # The prune order and path of another penalty have another shape: they restart.
+        if changed:  # the prune order and path of another penalty have another shape: they restart
             self._toolbox.forget_order([slot.param for slot in changed])
+        if changed or [ids for _, ids in key] != [ids for _, ids in self._checked_layout]:
             self._relayout()
-        self._checked_penalties = penalties
+        self._checked_layout = key
 
-    def _penalty_of(self, penalty: str, index: int) -> str:
-        """The penalty the parameter at ``index`` gets in a group with ``penalty``."""
+    def _penalty_of(self, penalty: str, index: int, coupled: bool = False) -> str:
+        """The penalty the parameter at ``index`` gets in a group with ``penalty`` (with
+        ``channel_ids``: ``coupled``)."""
         slot = self._storage.slots[index]
-        return self._module_penalties.resolve(penalty, slot.param, slot.name, index)
+        return self._module_penalties.resolve(penalty, slot.param, slot.name, index, coupled)
 
     # -- state dict -----------------------------------------------------------------
 

@@ -122,10 +122,15 @@ class ModulePenalties:
         for param in params:
             self.by_position.append(module_penalty(param, owners.get(id(param), ())))
 
-    def resolve(self, penalty: str, param: Tensor, name: str | None, index: int) -> str:
-        """The penalty of the parameter at ``index`` in a group with ``penalty``."""
+    def resolve(
+        self, penalty: str, param: Tensor, name: str | None, index: int, coupled: bool = False
+    ) -> str:
+        """The penalty of the parameter at ``index`` in a group with ``penalty`` (with
+        ``channel_ids``: ``coupled``, the group penalty by its rows)."""
         if param.numel() == 0:
             return "none"  # nothing to penalise, whatever the group says
+        if coupled:
+            return "group"
         if penalty != "auto":
             return penalty
         known = self.by_position[index] if index < len(self.by_position) else None

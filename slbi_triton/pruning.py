@@ -200,6 +200,8 @@ class Pruner:
             self._restore_momentum(slot, saved.momentum)
         self.set_frozen(snapshot.frozen)
         self._refresh_norms(stale_norms)
+        for bucket in self.storage.buckets:  # the own norms were restored: the coupled follow
+            bucket.refresh_coupled_norms()
 
     def commit_if_stepped(self) -> None:
         """Drop the saved copies, with a warning, if a step ran since they were taken: the

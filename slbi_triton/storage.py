@@ -22,13 +22,14 @@ from torch import Tensor
 
 from . import torch_private
 from .buckets import FlatBucket, Slot
+from .channel_ids import channel_ids_of, followers_of
 from .kernels import abi
 from .validation import check_gradient, check_parameter
 
 Groups = Sequence[Mapping[str, Any]]
 State = Mapping[Tensor, dict[str, Any]]
 # (group penalty, parameter, its name, its index) -> the penalty it gets.
-PenaltyOf = Callable[[str, Tensor, "str | None", int], str]
+PenaltyOf = Callable[[str, Tensor, "str | None", int, bool], str]
 
 
 class FlatStorage:
@@ -46,6 +47,7 @@ class FlatStorage:
         self.penalty_of = penalty_of
         self.slots: list[Slot] = []
         self.buckets: list[FlatBucket] = []
+        self.kernels: list[Any] = []  # per bucket, the kernel that updates it (it holds the bucket)
         self._by_id: dict[int, Slot] = {}
         # Where a module attribute that held one of our parameters was given another
         # Parameter: id(our parameter) -> (our parameter, [(module ref, attribute), ...]).
@@ -63,7 +65,7 @@ class FlatStorage:
         self, groups: Groups, state: State, choose: Callable[[FlatBucket], Any], steps: int | None = None
     ) -> None:
         """(Re)create the buckets from the parameters' current values and state, bind them
-        and give each bucket its kernel (``choose(bucket)``).
+        and give each bucket its kernel (``choose(bucket)``, in :attr:`kernels`).
 
         Args:
             steps: the step count the buckets start at (default: the current one).
@@ -75,14 +77,16 @@ class FlatStorage:
         slots: list[Slot] = []
         for group_index, group in enumerate(groups):
             names = group.get("param_names", [None] * len(group["params"]))
-            for param, name in zip(group["params"], names, strict=True):
-                penalty = self.penalty_of(group["penalty"], param, name, len(slots))
-                slots.append(Slot(param, name, len(slots), group_index, penalty))
+            entries = zip(group["params"], names, channel_ids_of(group), followers_of(group), strict=True)
+            for param, name, ids, follows in entries:
+                penalty = self.penalty_of(group["penalty"], param, name, len(slots), ids is not None)
+                slot = Slot(param, name, len(slots), group_index, penalty, channel_ids=ids, follows=follows)
+                slots.append(slot)
         momentum_groups = {i for i, group in enumerate(groups) if group["momentum"] != 0}
         by_bucket: dict[tuple[torch.device, torch.dtype], list[Slot]] = {}
         for slot in slots:
             by_bucket.setdefault((slot.param.device, slot.param.dtype), []).append(slot)
-        buckets = []
+        buckets, kernels = [], []
         for number, bucket_slots in enumerate(by_bucket.values()):
             # A momentum buffer kept in the state of a group now at ρ = 0 stays too.
             needs_momentum = any(
@@ -98,9 +102,9 @@ class FlatStorage:
                 slot.grad_record = record
             stale = [s for s in bucket.slots if not self._bind(bucket, s, old.get(id(s.param)), state)]
             bucket.refresh_group_norms(stale)
-            bucket.kernel = choose(bucket)
+            kernels.append(choose(bucket))
             buckets.append(bucket)
-        self.slots, self.buckets = slots, buckets
+        self.slots, self.buckets, self.kernels = slots, buckets, kernels
         self._by_id = {id(slot.param): slot for slot in slots}
         self.set_frozen(self._frozen)
 

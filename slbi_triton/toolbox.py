@@ -194,10 +194,13 @@ class Toolbox:
 
     def gamma_of(self, slot: Slot) -> Tensor:
         """Γ of a penalised slot, computed like the step does (float32; float64 params:
-        float64)."""
-        z = self.optimizer.state[slot.param]["z"]
+        float64): a row in a coupled channel group shrinks by its group's norm."""
+        z = self.optimizer.state[slot.param]["z"].to(functional.compute_dtype(slot.param.dtype))
         kappa, lam = self.hparam(slot, "kappa"), self.hparam(slot, "lam")
-        return functional.gamma_of(z.to(functional.compute_dtype(slot.param.dtype)), kappa, lam, slot.penalty)
+        norms = None
+        if slot.penalty == "group" and slot.channel_ids is not None:
+            norms = self.storage.bucket_of(slot).prox_norms_of(slot, functional.group_norms_of(z))
+        return functional.gamma_of(z, kappa, lam, slot.penalty, norms)
 
     @staticmethod
     def selected(slot: Slot, gamma: Tensor) -> Tensor:

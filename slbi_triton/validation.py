@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .channel_ids import channel_ids_of, check_channel_ids
 from .penalties import auto_penalty
 
 PENALTIES = ("auto", "l1", "group", "none")
@@ -31,12 +32,15 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
-def resolve_penalty(penalty: str, param: Tensor, name: str | None = None) -> str:
+def resolve_penalty(penalty: str, param: Tensor, name: str | None = None, coupled: bool = False) -> str:
     """The penalty a parameter gets: its group's, or for ``"auto"`` what
     :func:`.penalties.auto_penalty` makes of its name and shape (the optimizer also asks
-    its module, where it knows it); an empty tensor has nothing to penalise (``"none"``)."""
+    its module, where it knows it); a parameter with ``channel_ids`` (``coupled``) is
+    group-penalised by its rows; an empty tensor has nothing to penalise (``"none"``)."""
     if param.numel() == 0:
         return "none"
+    if coupled:
+        return "group"
     return auto_penalty(param, name) if penalty == "auto" else penalty
 
 
@@ -75,17 +79,20 @@ def check_hyperparameters(group: Mapping[str, Any], where: str, read_device: boo
 
 
 def check_group_penalty(
-    penalty: str, params: Iterable[Tensor], where: str, labels: Iterable[str] | None = None
+    penalty: str, params: Iterable[Tensor], where: str, labels: Iterable[str] | None = None,
+    coupled: Iterable[bool] | None = None,
 ) -> None:
-    """Refuse penalty ``"group"`` on a 0-D/1-D parameter; ``labels`` name the parameters
-    in the message (default: their position in the group ``where``)."""
+    """Refuse penalty ``"group"`` on a 0-D/1-D parameter, unless it has ``channel_ids``
+    (``coupled``: its rows are single elements); ``labels`` name the parameters in the
+    message (default: their position in the group ``where``)."""
     if penalty != "group":
         return
     params = list(params)
     if labels is None:
         labels = [f"parameter {position} of {where}" for position in range(len(params))]
-    for param, label in zip(params, labels, strict=True):
-        if param.dim() < 2:
+    coupled = [False] * len(params) if coupled is None else coupled
+    for param, label, has_ids in zip(params, labels, coupled, strict=True):
+        if param.dim() < 2 and not has_ids:
             raise ValueError(
                 f"penalty 'group' needs a tensor of at least 2 dims, but {label} has shape "
                 f"{tuple(param.shape)}; use penalty 'l1', 'none' or 'auto' for it"
@@ -114,10 +121,12 @@ def check_parameter(param: Any, label: str) -> None:
 
 
 def check_new_params(
-    tensors: list[Any], names: list[str | None], penalty: str, where: str, taken: set[int]
+    tensors: list[Any], names: list[str | None], penalty: str, where: str, taken: set[int],
+    channel_ids: Any = None, followers: Any = None,
 ) -> None:
     """The parameters of a new param group ``where``: dense float tensors, none twice and
-    none already in the optimizer (``taken``: their ids), fit for ``penalty``."""
+    none already in the optimizer (``taken``: their ids), fit for ``penalty`` and their
+    ``channel_ids``."""
     labels = [
         f"parameter {name!r}" if name is not None else f"parameter {position} of {where}"
         for position, name in enumerate(names)
@@ -128,7 +137,9 @@ def check_new_params(
         if id(param) in seen:
             raise ValueError(f"{label} appears more than once in the optimizer's parameters")
         seen.add(id(param))
-    check_group_penalty(penalty, tensors, where, labels)
+    check_channel_ids(tensors, channel_ids, where, names, followers)
+    coupled = [ids is not None for ids in channel_ids or [None] * len(tensors)]
+    check_group_penalty(penalty, tensors, where, labels, coupled)
 
 
 def check_gradient(grad: Tensor, label: str) -> None:
@@ -251,11 +262,15 @@ class GroupChecks:
             types = tuple(map(type, values))
             plain = not any(issubclass(kind, Tensor) for kind in types)
             # With the types: False == 0 and 1 == True, but a bool is not a valid value.
-            seen = (values, types, id(group["params"]), len(group["params"]))
+            seen = (values, types, id(group["params"]), len(group["params"]), id(group.get("channel_ids")),
+                    id(group.get("channel_followers")))
             if plain and self._valid.get(index) == seen:
                 continue
             where = f"param group {index}"
             check_hyperparameters(group, where, read_device=False)
-            check_group_penalty(group["penalty"], group["params"], where)
+            check_channel_ids(group["params"], group.get("channel_ids"), where, group.get("param_names"),
+                              group.get("channel_followers"))
+            coupled = [ids is not None for ids in channel_ids_of(group)]
+            check_group_penalty(group["penalty"], group["params"], where, coupled=coupled)
             if plain:
                 self._valid[index] = seen

@@ -188,8 +188,10 @@ class _BucketMethods:
         ``"cuda"`` (the op on CUDA buffers) or ``"reference"``."""
         if kernel == "reference":
             functional.bucket_step_reference(self.args())
+        elif kernel == "triton":
+            ops.bucket_step_interpreted(*self.args())
         else:
-            ops.bucket_step(*self.args(), kernel == "triton")
+            ops.bucket_step(*self.args())
 
 
 _OUTPUTS = ("params", "z", "momentum", "group_norms", "rng")
@@ -204,7 +206,7 @@ def assert_same_outputs(a: Bucket, b: Bucket, skip: Sequence[str] = (), inputs: 
             assert isinstance(x, Tensor) and isinstance(y, Tensor) and torch.equal(x, y), name
 
 
-_OPTIONAL = {"inv_scale": None, "found_inf": None, "stochastic_rounding": False}
+_OPTIONAL = abi.BucketArgs._field_defaults
 Bucket = make_dataclass(
     "Bucket",
     [(name, Any, _OPTIONAL[name]) if name in _OPTIONAL else (name, Any) for name in abi.BucketArgs._fields]
@@ -263,6 +265,21 @@ def random_bucket(
         stochastic_rounding=stochastic_rounding,
         spans=spans,
     )
+
+
+def couple(bucket: Bucket, row_keys: Sequence[int]) -> Bucket:
+    """``bucket`` with coupled groups: ``row_keys`` gives each group-penalty row (in norm
+    order) a key, ``-1`` for none (``abi.coupled_tables``); the coupled norms are appended
+    to the group norms, computed from the own ones."""
+    keys = torch.tensor(row_keys, dtype=torch.int64)
+    assert keys.numel() == bucket.group_norms.numel()
+    tables = abi.coupled_tables(keys, bucket.params.dtype, bucket.params.numel())
+    assert tables is not None
+    norms = torch.cat([bucket.group_norms, torch.zeros_like(tables.coupled_scale)])
+    functional.coupled_norms_(norms, functional.member_table(tables.coupled_offsets, tables.coupled_rows),
+                              tables.coupled_scale)
+    values = {name: getattr(bucket, name) for name in abi.BucketArgs._fields}
+    return Bucket(**{**values, **tables._asdict(), "group_norms": norms}, spans=bucket.spans)
 
 
 def set_z(opt: SLBI, values: dict[Tensor, Tensor]) -> None:

@@ -1,7 +1,8 @@
 """An independent float64 reference of the update in docs/design.md, written for the tests only.
 
 It deliberately shares no code with the package: per parameter, plain float64 tensors,
-the equations as printed in the design contract.
+the equations as printed in the design contract; coupled channel groups as sets of
+(parameter, row) pairs (:func:`prox_norms`, :func:`step_coupled`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ def prox_l1(z: Tensor, lam: float) -> Tensor:
     return torch.sign(z) * torch.clamp(z.abs() - lam, min=0.0)
 
 
-def prox_group(z: Tensor, lam: float) -> Tensor:
+def prox_group(z: Tensor, lam: float, norms: Tensor | None = None) -> Tensor:
+    """Rows along dim 0 shrink by ``norms`` (default: their own ‖Z_r‖)."""
     rows = z.reshape(z.shape[0], -1)
-    norms = rows.norm(dim=1, keepdim=True)
+    norms = rows.norm(dim=1, keepdim=True) if norms is None else norms.reshape(-1, 1)
     factor = torch.where(norms > 0, torch.clamp(1 - lam / torch.where(norms > 0, norms, 1.0), min=0.0), 0.0)
     return (rows * factor).reshape(z.shape)
 
@@ -43,11 +45,13 @@ class RefParam:
         self.w = self.w.detach().to(torch.float64).clone()
         self.z = torch.zeros_like(self.w)
 
-    def gamma(self) -> Tensor:
-        prox = prox_l1 if self.penalty == "l1" else prox_group
-        return self.hp["kappa"] * prox(self.z, self.hp["lam"])
+    def gamma(self, norms: Tensor | None = None) -> Tensor:
+        """Γ = κ·prox(Z); group rows shrink by ``norms`` if given (coupled groups)."""
+        if self.penalty == "l1":
+            return self.hp["kappa"] * prox_l1(self.z, self.hp["lam"])
+        return self.hp["kappa"] * prox_group(self.z, self.hp["lam"], norms)
 
-    def step(self, grad: Tensor | None) -> None:
+    def step(self, grad: Tensor | None, norms: Tensor | None = None) -> None:
         if grad is None:
             return
         hp = self.hp
@@ -65,10 +69,35 @@ class RefParam:
         if self.penalty == "none":
             self.w = self.w - lr * kappa * v_next
             return
-        gamma = self.gamma()
+        gamma = self.gamma(norms)
         w_t = self.w
         self.w = w_t - lr * kappa * (v_next + (w_t - gamma) / mu)
         self.z = self.z + (lr / mu) * (w_t - gamma)
+
+
+Coupling = list[list[tuple[int, int]]]
+"""Coupled channel groups: each a list of (parameter index, row) pairs."""
+
+
+def prox_norms(refs: list[RefParam], coupling: Coupling) -> list[Tensor | None]:
+    """Per parameter, the norm each row's group prox uses: its own ‖Z_r‖, or for a member
+    of a coupled group G the RMS over G's rows, sqrt(Σ_{r∈G} ‖Z_r‖² / |G|)."""
+    norms = [
+        ref.z.reshape(ref.z.shape[0], -1).norm(dim=1) if ref.penalty == "group" else None for ref in refs
+    ]
+    own = [None if n is None else n.clone() for n in norms]
+    for members in coupling:
+        rms = torch.sqrt(sum(own[p][r] ** 2 for p, r in members) / len(members))
+        for p, r in members:
+            norms[p][r] = rms
+    return norms
+
+
+def step_coupled(refs: list[RefParam], grads: list[Tensor | None], coupling: Coupling) -> None:
+    """One step of every parameter, Γ_t from the coupled norms of Z_t (all read first)."""
+    norms = prox_norms(refs, coupling)
+    for ref, grad, row_norms in zip(refs, grads, norms, strict=True):
+        ref.step(grad, row_norms)
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:

@@ -5,6 +5,9 @@ compiler works."""
 
 from __future__ import annotations
 
+import ctypes
+import re
+
 import pytest
 import torch
 from slbi_triton.kernels import abi, cpu_step, cpu_tune, ops
@@ -212,6 +215,41 @@ def test_int64_chunk_table() -> None:
     assert_same_outputs(narrow, wide)
 
 
+def c_prototype() -> list[tuple[str, str]]:
+    """``(type, name)`` of each parameter of ``slbi_bucket_step`` in the C source."""
+    source = cpu_step.SOURCE.read_text()
+    found = re.search(r"int64_t slbi_bucket_step\(([^)]*)\)\s*\{", source)
+    assert found, "slbi_bucket_step's definition not found"
+    params = []
+    for declaration in found.group(1).split(","):
+        words = " ".join(declaration.split()).replace("*", "* ").split()
+        params.append((" ".join(words[:-1]), words[-1]))
+    return params
+
+
+def test_c_prototype_follows_the_op_arguments() -> None:
+    """The C kernel takes the op's arguments in ``abi.BucketArgs``' order and names (a
+    pointer per tensor, const exactly when the op does not write it; an int per bool),
+    then ``cpu_step.SIZE_ARGS``; ``ctypes`` is given the same list."""
+    c_types = {ctypes.c_int: "int", ctypes.c_int64: "int64_t"}
+    expected = []
+    for spec in abi.arg_specs():
+        if spec.kind == "bool":
+            expected.append(("int", spec.name))
+        else:
+            expected.append(("pointer" if spec.written else "const pointer", spec.name))
+    expected += [(c_types[kind], name) for name, kind in cpu_step.SIZE_ARGS]
+    found = [
+        ("const pointer" if kind.startswith("const") else "pointer", name) if "*" in kind else (kind, name)
+        for kind, name in c_prototype()
+    ]
+    assert found == expected
+    assert len(cpu_step.argtypes()) == len(expected)
+    schema = str(ops.bucket_step._schema)
+    assert [spec.name for spec in abi.arg_specs()] == [a.name for a in ops.bucket_step._schema.arguments]
+    assert all(f"Tensor({alias}!)" in schema for alias in "abcde") and "Tensor(f!)" not in schema
+
+
 # -- the build ------------------------------------------------------------------------------
 
 
@@ -304,5 +342,5 @@ def test_the_op_on_the_cpu_is_the_c_kernel(monkeypatch) -> None:
     launch = cpu_step.launch
     monkeypatch.setattr(cpu_step, "launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
     bucket = random_bucket(SHAPES[:3], PENALTIES[:3])
-    ops.bucket_step(*bucket.args(), False)
+    ops.bucket_step(*bucket.args())
     assert calls == [1]

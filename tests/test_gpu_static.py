@@ -35,7 +35,8 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 def test_every_variant_compiles_within_budget(rows: list[dict]) -> None:
     failures = {f"{r['arch']} {r['variant']}": r["problems"] for r in rows if r["problems"]}
     assert not failures, failures
-    assert len(rows) == len(gpu_static.quick_jobs())
+    assert len(rows) == len(gpu_static.quick_jobs()) + len(gpu_static.COUPLED_NORM_JOBS)
+    assert len([r for r in rows if r["kernel"] == "coupled norms"]) == len(gpu_static.COUPLED_NORM_JOBS)
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert all(r["regs"] <= gpu_static.MAX_REGISTERS and r["stack"] == 0 and r["spill"] == 0 for r in rows)
 
@@ -43,7 +44,7 @@ def test_every_variant_compiles_within_budget(rows: list[dict]) -> None:
 def test_vector_paths_are_full_width(rows: list[dict]) -> None:
     """Outside the scalar-rows path, every W, g, Z, v access is a 128-bit vector (64-bit
     for the bfloat16 Z and v of a float32 bucket, see ``kernel_constants``)."""
-    for row in rows:
+    for row in (r for r in rows if r["kernel"] == "step"):
         label = (row["arch"], row["variant"], row["paths"])
         assert set(row["paths"]) == {"l1/none", "group, one row", "rows, aligned", "rows, scalar"}, label
         narrow = [s for s, bits in row["expected_bits"].items() if bits < gpu_static.VECTOR_BITS]
@@ -55,10 +56,11 @@ def test_vector_paths_are_full_width(rows: list[dict]) -> None:
 
 def test_variants_cover_every_launch() -> None:
     every = gpu_static.variants()
-    assert len(every) == len({v.label for v in every}) == 28
+    assert len(every) == len({v.label for v in every}) == 56
     buckets = {"fp32", "fp32/bf16-sr", "bf16", "bf16/bf16-sr", "fp16", "fp16/bf16-sr", "fp64"}
     assert {v.bucket for v in every} == buckets
     assert {v.bucket for v, capability in gpu_static.quick_jobs() if capability == 80} == buckets
+    assert {v.bucket for v, _ in gpu_static.quick_jobs() if v.coupled} == buckets
 
 
 def test_ptx_reading_on_a_hand_written_fragment() -> None:

@@ -1,5 +1,5 @@
 """The Triton kernel on plain tensors, under ``TRITON_INTERPRET=1``: flat buffers and ABI
-tables built here, ``slbi_triton::bucket_step(..., interpret_triton=True)`` against
+tables built here, ``slbi_triton::bucket_step_interpreted`` against
 ``functional.bucket_step_reference`` on the same inputs.
 
 Tolerances: W, Z and v are bit-identical (the same operations in the same order;

@@ -52,7 +52,20 @@ from ..names import unwrap_model, unwrapped
 from ..optimizer import SLBI
 from .check import TOLERANCE, SlimError, as_inputs, check_not_cut, compare
 
-__all__ = ["REMOVE_MODES", "TOLERANCE", "SlimError", "SlimResult", "rebuild", "slim"]
+
+def __getattr__(name: str) -> Any:
+    """``RouterPruner`` and ``couple_routers`` (:mod:`.router`), imported on first use:
+    they need Torch-Pruning, an optional extra."""
+    if name in ("RouterPruner", "couple_routers"):
+        from . import router
+
+        return getattr(router, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = [
+    "REMOVE_MODES", "TOLERANCE", "RouterPruner", "SlimError", "SlimResult", "couple_routers", "rebuild",
+    "slim",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..channel_ids import channel_ids_of
 from ..optimizer import SLBI
 from ..validation import resolve_penalty
 from .graph import Removed
@@ -109,21 +110,30 @@ def carry_state(
     names = [(renames or {}).get(name, name) for name in opt.names]
     params = dict(model.named_parameters())
     saved = copy.deepcopy(opt.state_dict())  # the live state dict holds views into opt's buffers
-    groups, shapes, lams, kinds = [], [], [], {}
-    for group in opt.param_groups:
-        count = len(group["params"])
-        hyper = {key: value for key, value in group.items() if key not in ("params", "param_names")}
-        group_names = names[len(shapes) : len(shapes) + count]
-        groups.append({**copy.deepcopy(hyper), "params": [(name, params[name]) for name in group_names]})
-        shapes += [param.shape for param in group["params"]]
-        lams += [float(group["lam"])] * count
-        for name, param in zip(group_names, group["params"], strict=True):
-            kinds[name] = resolve_penalty(group["penalty"], param)
+    shapes = [param.shape for group in opt.param_groups for param in group["params"]]
     keeps = [_keep(shape, removed.get(name, [])) for name, shape in zip(names, shapes, strict=True)]
+    groups, lams, kinds = [], [], {}
+    for group in opt.param_groups:
+        first, count = len(lams), len(group["params"])
+        hyper = {key: value for key, value in group.items() if key not in ("params", "param_names")}
+        group_names = names[first : first + count]
+        new_group = {**copy.deepcopy(hyper), "params": [(name, params[name]) for name in group_names]}
+        ids = channel_ids_of(group)
+        if group.get("channel_ids") is not None:  # the kept rows' coupled groups
+            new_group["channel_ids"] = [
+                None if row_ids is None else _slice(row_ids, shapes[first + i], keeps[first + i])
+                for i, row_ids in enumerate(ids)
+            ]
+        groups.append(new_group)
+        # A coupled row's Z is kept as it is: its group's members lose rows only together,
+        # so the norm its prox reads, and its Γ, stay (a rescale is for a filter's own norm).
+        lams += [None if row_ids is not None else float(group["lam"]) for row_ids in ids]
+        for name, param, row_ids in zip(group_names, group["params"], ids, strict=True):
+            kinds[name] = resolve_penalty(group["penalty"], param, coupled=row_ids is not None)
 
     state = {}
     for index, entry in saved["state"].items():
-        lam = lams[index] if kinds.get(names[index]) == "group" else None
+        lam = lams[index] if kinds.get(names[index]) == "group" else None  # None: no rescale
         state[index] = _slice_entry(entry, shapes[index], keeps[index], lam)
     extras = dict(saved.get("slbi") or {})
     extras.pop("snapshot", None)
@@ -140,5 +150,7 @@ def carry_state(
     new = SLBI(groups, backend=opt.backend, fused=opt.fused, state_dtype=opt.state_dtype)
     for saved_group, group in zip(saved["param_groups"], new.param_groups, strict=True):
         saved_group["param_names"] = group["param_names"]  # torch's loader would take the saved ones
+        if "channel_ids" in group:
+            saved_group["channel_ids"] = group["channel_ids"]
     new.load_state_dict({**saved, "state": state, "slbi": extras})
     return new

@@ -79,6 +79,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -223,6 +230,16 @@ def _add_slimming(parser: argparse.ArgumentParser) -> None:
         f"parameters, MACs, CPU latency and accuracy before and after, save {SLIM_FILE}",
     )
     slimming.add_argument(
+        "--target-macs",
+        type=_share,
+        default=None,
+        metavar="SHARE",
+        help="train to a size: SLBI with one coupled group per removable channel "
+        "(slbi_triton.param_groups, traced on 16 training images), then cut to this share of the "
+        "dense MACs by the path's order (slbi_triton.prune_to) and slimmed as with --slim, which it "
+        "implies (default: off)",
+    )
+    slimming.add_argument(
         "--slim-epochs",
         type=_non_negative_int,
         default=0,
@@ -317,6 +334,10 @@ def optimizer_kinds(args: argparse.Namespace) -> list[str]:
     """The optimizers to train, in order (``--optimizer``, then SGD after
     ``--compare-sgd``); the options that need SLBI or Torch-Pruning are checked."""
     kinds = [args.optimizer]
+    if args.target_macs is not None:
+        if args.optimizer != "slbi":
+            raise RunError("--target-macs stops SLBI's path at a size; use it with --optimizer slbi")
+        args.slim = True
     if args.slim and args.optimizer != "slbi":
         raise RunError("--slim removes what SLBI's W* zeroes; use it with --optimizer slbi")
     if args.slim_epochs and not args.slim:
@@ -389,9 +410,10 @@ def write_pictures(
 def run_slim(run: RunResult, args: argparse.Namespace, data: Data) -> None:
     """``--slim``: slim the trained model, save it, print the before / after table and,
     with ``--slim-epochs``, train both models on."""
-    print(f"\nSlimming: removing what W* zeroes ({args.model}) ...", flush=True)
+    what = "what W* zeroes" if args.target_macs is None else f"channels down to {args.target_macs:g} × MACs"
+    print(f"\nSlimming: removing {what} ({args.model}) ...", flush=True)
     try:
-        result, report = slim_run(run, data)
+        result, report = slim_run(run, data, args.target_macs)
     except (SlimError, ImportError) as exc:
         raise RunError(f"--slim: {exc}", 1) from exc
     save_slim(args.out / SLIM_FILE, result, args.model, [1, *data.test_x.shape[1:]])

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .. import functional
+from ..coupling import layer_weights, param_groups
 from ..optimizer import SLBI
 from ..toolbox import LayerSparsity
 from .models import build_model
@@ -27,6 +28,10 @@ PRUNE_PERCENTS = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
 """Shares of the conv filters pruned for ``prune.csv``."""
 
 EVAL_BATCH_SIZE = 1000
+
+TRACE_EXAMPLES = 16
+"""Training images that ``--target-macs`` traces the model on (channel groups, MACs)."""
+
 
 STATE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 """``--state-dtype``: SLBI's ``state_dtype`` (``None``: the parameters' dtype, float32 here)."""
@@ -46,30 +51,41 @@ def default_path_layer(model: nn.Module) -> str:
 
 def slbi_param_groups(model: nn.Module, fc_penalty: str) -> list[dict[str, Any]]:
     """Param groups for SLBI: conv weights ``"group"`` (one group per filter), fully
-    connected weights ``fc_penalty``, everything else (biases, norm layers) ``"none"``."""
+    connected weights ``fc_penalty``, everything else (biases, norm layers) and the
+    classifier (the model's last layer, see :func:`slbi_triton.param_groups`) ``"none"``."""
     conv = set(conv_weight_names(model))
+    classifier = classifier_weight(model)
     # fc_penalty "group" or "none" shares its list with the conv weights or the biases.
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"group": [], fc_penalty: [], "none": []}
     for name, param in model.named_parameters():
-        if name in conv:
+        if name in conv and name != classifier:
             groups["group"].append((name, param))
-        elif param.dim() == 2:
+        elif param.dim() == 2 and name != classifier:
             groups[fc_penalty].append((name, param))
         else:
             groups["none"].append((name, param))
     return [{"params": params, "penalty": penalty} for penalty, params in groups.items() if params]
 
 
-def build_optimizer(kind: str, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def classifier_weight(model: nn.Module) -> str | None:
+    """The name of the weight of the model's last conv / linear layer (its classifier)."""
+    return next((name for name, _, _ in reversed(layer_weights(model))), None)
+
+
+def build_optimizer(
+    kind: str, model: nn.Module, args: argparse.Namespace, example: Tensor | None = None
+) -> torch.optim.Optimizer:
     """SLBI or SGD with the hyper-parameters of ``args`` (SLBI's Z and momentum stored in
-    ``--state-dtype``); bad values give a RunError."""
+    ``--state-dtype``; with ``--target-macs``, coupled channel groups traced on
+    ``example``); bad values give a RunError."""
     try:
         if kind == "sgd":
             return torch.optim.SGD(
                 model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
             )
+        coupled = getattr(args, "target_macs", None) is not None
         return SLBI(
-            slbi_param_groups(model, args.fc_penalty),
+            param_groups(model, example) if coupled else slbi_param_groups(model, args.fc_penalty),
             lr=args.lr,
             kappa=args.kappa,
             mu=args.mu,
@@ -184,7 +200,8 @@ def train_run(
     model = build_model(args.model).to(data.train_x.device)
     params = dict(model.named_parameters())
     conv_names = conv_weight_names(model)
-    optimizer = build_optimizer(kind, model, args)
+    example = data.train_x[:TRACE_EXAMPLES]
+    optimizer = build_optimizer(kind, model, args, example)
     slbi = optimizer if isinstance(optimizer, SLBI) else None
     warmup, decay = build_schedulers(optimizer, args)
     loop = EpochLoop(model, optimizer, warmup, torch.Generator().manual_seed(args.seed), args)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..optimizer import SLBI
 from ..slimming import SlimResult, slim
+from ..targets import prune_to
 from .loop import EpochLoop, evaluate, w_star_accuracy, zero_filters
 from .records import Data, RunResult, SlimReport
 
@@ -65,13 +66,17 @@ def slim_layers(optimizer: SLBI, removed: dict[str, list[tuple[int, list[int]]]]
     return rows
 
 
-def slim_run(run: RunResult, data: Data) -> tuple[SlimResult, SlimReport]:
-    """Slim the trained SLBI model (W*) and measure params, MACs, CPU latency and test
-    accuracy before and after."""
+def slim_run(run: RunResult, data: Data, target_macs: float | None = None) -> tuple[SlimResult, SlimReport]:
+    """Slim the trained SLBI model (W*, or cut to ``target_macs`` of its MACs with
+    :func:`slbi_triton.prune_to`) and measure params, MACs, CPU latency and test accuracy
+    before and after."""
     import torch_pruning as tp  # the [slim] extra; slim() has checked that it is there
 
     examples = data.test_x[:SLIM_EXAMPLES]
-    result = slim(run.model, run.optimizer, examples)
+    if target_macs is None:
+        result = slim(run.model, run.optimizer, examples)
+    else:
+        result = prune_to(run.model, run.optimizer, examples, macs=target_macs)
     measured = []
     for model in (run.model, result.model):
         macs, params = tp.utils.count_ops_and_params(model, examples[:1])

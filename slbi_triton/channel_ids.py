@@ -1,0 +1,102 @@
+"""The param-group key ``"channel_ids"``: coupled channel groups (``docs/design.md``,
+"Coupled channel groups"), read and checked at the door.
+
+``channel_ids`` is a list parallel to a group's ``"params"``: per parameter ``None``, or
+an int64 CPU tensor with one id per row (dim 0); rows of one param group sharing an id
+``>= 0`` shrink together, ``-1`` couples nothing. ``FlatBucket`` builds the kernels'
+tables from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def channel_ids_of(group: Mapping[str, Any]) -> list[Tensor | None]:
+    """A param group's ``"channel_ids"``, one entry per parameter (``None``: no coupling)."""
+    ids = group.get("channel_ids")
+    return [None] * len(group["params"]) if ids is None else list(ids)
+
+
+def followers_of(group: Mapping[str, Any]) -> list[bool]:
+    """A param group's ``"channel_followers"``, one bool per parameter (default: none
+    follows): a follower's rows shrink with their coupled group without counting in its
+    norm (``docs/design.md``, "Which rows form a coupled group")."""
+    follows = group.get("channel_followers")
+    return [False] * len(group["params"]) if follows is None else [bool(f) for f in follows]
+
+
+def check_followers(params: Sequence[Tensor], channel_ids: Any, followers: Any, where: str) -> None:
+    """``"channel_followers"`` (``None``: none): a list of bools parallel to ``params``;
+    a follower has ``channel_ids``."""
+    if followers is None:
+        return
+    if isinstance(followers, (Tensor, str)) or not isinstance(followers, Sequence):
+        raise TypeError(f"channel_followers ({where}) must be a list of bools parallel to params, got "
+                        f"{type(followers).__name__}")
+    if len(followers) != len(params):
+        raise ValueError(
+            f"channel_followers ({where}) has {len(followers)} entries for {len(params)} parameters"
+        )
+    if not all(isinstance(f, bool) for f in followers):
+        raise TypeError(f"channel_followers ({where}) must hold bools")
+    ids = channel_ids if channel_ids is not None else [None] * len(params)
+    lonely = [i for i, (f, i_ids) in enumerate(zip(followers, ids, strict=True)) if f and i_ids is None]
+    if lonely:
+        raise ValueError(
+            f"channel_followers ({where}): parameter {lonely[0]} follows a coupled group but has no "
+            "channel_ids"
+        )
+
+
+def check_channel_ids(
+    params: Sequence[Tensor], channel_ids: Any, where: str, names: Sequence[str | None] | None = None,
+    followers: Any = None,
+) -> None:
+    """A param group's ``"channel_ids"`` (``None``: no coupling): a list parallel to its
+    ``params``, each entry ``None`` or a 1-D int64 CPU tensor of one id per row (dim 0) of
+    a parameter with rows, ids ``>= 0`` (a coupled group) or ``-1`` (none); the members
+    of one coupled group share a device and dtype (one flat buffer)."""
+    check_followers(params, channel_ids, followers, where)
+    if channel_ids is None:
+        return
+    if isinstance(channel_ids, (Tensor, str)) or not isinstance(channel_ids, Sequence):
+        raise TypeError(f"channel_ids ({where}) must be a list parallel to params, got "
+                        f"{type(channel_ids).__name__}")
+    if len(channel_ids) != len(params):
+        raise ValueError(f"channel_ids ({where}) has {len(channel_ids)} entries for {len(params)} parameters")
+    names = names or [None] * len(params)
+    owners: dict[int, tuple[str, Tensor]] = {}
+    for position, (param, ids, name) in enumerate(zip(params, channel_ids, names, strict=True)):
+        if ids is None:
+            continue
+        label = f"parameter {name!r}" if name is not None else f"parameter {position} of {where}"
+        _check_ids_of(param, ids, label)
+        for value in set(ids[ids >= 0].tolist()):
+            first, other = owners.setdefault(value, (label, param))
+            if (other.device, other.dtype) != (param.device, param.dtype):
+                raise ValueError(
+                    f"channel id {value} ({where}) couples {first} ({other.dtype} on {other.device}) "
+                    f"with {label} ({param.dtype} on {param.device}): a coupled group's members share "
+                    "one device and dtype"
+                )
+
+
+def _check_ids_of(param: Tensor, ids: Any, label: str) -> None:
+    """One parameter's ``channel_ids`` entry (not ``None``)."""
+    if param.dim() == 0 or param.numel() == 0:
+        raise ValueError(f"channel_ids of {label}: its shape {tuple(param.shape)} has no rows to couple")
+    if not isinstance(ids, Tensor) or ids.dtype != torch.int64 or ids.device.type != "cpu" or ids.dim() != 1:
+        described = (f"{ids.dtype} tensor of shape {tuple(ids.shape)} on {ids.device}"
+                     if isinstance(ids, Tensor) else type(ids).__name__)
+        raise TypeError(f"channel_ids of {label} must be None or a 1-D int64 CPU tensor, got {described}")
+    if ids.numel() != param.shape[0]:
+        raise ValueError(f"channel_ids of {label} has {ids.numel()} ids for its {param.shape[0]} rows "
+                         f"(dim 0 of shape {tuple(param.shape)})")
+    if bool((ids < -1).any()):
+        raise ValueError(f"channel_ids of {label} holds {int(ids.min())}: an id is >= 0 (a coupled "
+                         "group) or -1 (no group)")

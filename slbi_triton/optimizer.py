@@ -298,7 +298,7 @@ class SLBI(Optimizer):
                 kernel.name, bucket.device, bucket.dtype, bucket.state_dtype,
                 tuple(slot.name if slot.name is not None else slot.index for slot in sorted(
                     bucket.slots, key=lambda s: s.index)),
-                dispatch.kernel_variant(bucket.kernel.name, bucket.dtype, bucket.state_dtype),
+                dispatch.kernel_variant(kernel.name, bucket.dtype, bucket.state_dtype),
             )
             for kernel, bucket in zip(self._storage.kernels, self._storage.buckets, strict=True)
         ]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from slbi_triton import ModuleGraphError, param_groups
+from slbi_triton import SLBI, ModuleGraphError, channel_norms, param_groups, prune_to
 from slbi_triton.coupling import channel_groups
 from slbi_triton.slimming.graph import ChannelGraph
 from slbi_triton.targets import MacModel
@@ -129,3 +129,80 @@ def test_mac_model_prices_removals_like_torch_pruning(fraction: float) -> None:
     graph.remove([sets[i] for i in torch.nonzero(removed).flatten().tolist()])
     measured = MacModel(pruned, channel_groups(pruned, example), example).total
     assert measured == pytest.approx(macs.macs(removed), rel=1e-9)
+
+
+def test_followers_read_the_group_norm_without_counting_in_it() -> None:
+    torch.manual_seed(0)
+    model = ResNet20()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    opt = SLBI(param_groups(model, x, lam=0.002), lr=0.1, mu=100)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    group = opt.param_groups[0]
+    ids = dict(zip([id(p) for p in group["params"]], group["channel_ids"], strict=True))
+    # bn1's γ and β (members) against conv1's filters (followers) of the same channels.
+    z = {name: opt.state[param]["z"] for name, param in model.named_parameters()}
+    members = torch.zeros(channel_norms(opt).numel(), dtype=torch.float64)
+    counts = torch.zeros_like(members)
+    for name, param in model.named_parameters():
+        if id(param) in ids and "conv" not in name:
+            rows = z[name].double().reshape(param.shape[0], -1).square().sum(1)
+            members.index_add_(0, ids[id(param)], rows)
+            counts.index_add_(0, ids[id(param)], torch.ones_like(rows))
+    expected = (members / counts).sqrt()
+    assert torch.allclose(channel_norms(opt), expected, rtol=1e-5)
+    gamma = opt.gamma("conv1.weight")
+    shrink = (1 - 0.002 / expected[ids[id(model.conv1.weight)]]).clamp(min=0).float()
+    assert torch.allclose(gamma, z["conv1.weight"] * shrink.view(-1, 1, 1, 1), rtol=1e-5, atol=1e-9)
+
+
+def test_a_follower_without_ids_is_refused_before_anything_changes() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    follows = [True, False, False, False]
+    groups = [{"params": list(model.parameters()), "penalty": "none", "channel_followers": follows}]
+    with pytest.raises(ValueError, match="follows a coupled group but has no channel_ids"):
+        SLBI(groups)
+    groups[0]["channel_followers"] = [True]
+    with pytest.raises(ValueError, match="1 entries for 4 parameters"):
+        SLBI(groups)
+
+
+@pytest.mark.parametrize("macs", [0.5, 0.8])
+def test_prune_to_slims_to_the_target_and_leaves_the_inputs_alone(macs: float) -> None:
+    torch.manual_seed(0)
+    model = ResNet20()
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    opt = SLBI(param_groups(model, x, lam=0.002), lr=0.1, mu=100)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    before = copy.deepcopy(model.state_dict())
+    norms = channel_norms(opt)
+    result = prune_to(model, opt, x, macs=macs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    assert torch.equal(channel_norms(opt), norms)
+    groups = channel_groups(model, x)
+    dense = MacModel(model, groups, x[:1]).total
+    slim = MacModel(result.model, channel_groups(result.model, x), x[:1]).total
+    assert slim <= macs * dense
+    assert slim > (macs - 0.1) * dense
+    assert result.difference < 1e-4
+    # The slim optimizer's coupled groups fit the slim model, and it trains on.
+    new = result.optimizer
+    assert all(ids.shape[0] == p.shape[0] for p, ids in zip(new.param_groups[0]["params"],
+                                                            new.param_groups[0]["channel_ids"], strict=True))
+    new.zero_grad()
+    nn.functional.cross_entropy(result.model(x), y).backward()
+    new.step()
+
+
+def test_prune_to_refuses_bad_targets_and_uncoupled_optimizers() -> None:
+    model = ResNet20()
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"macs must be in \(0, 1\]"):
+        prune_to(model, SLBI(param_groups(model, x)), x, macs=1.5)
+    with pytest.raises(ValueError, match="no coupled channel groups"):
+        prune_to(model, SLBI(model.named_parameters()), x, macs=0.5)

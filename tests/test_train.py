@@ -321,17 +321,22 @@ def test_param_groups_penalise_conv_filters_and_fc_rows() -> None:
     model = build_model("lenet")
     groups = train.slbi_param_groups(model, "group")
     by_penalty = {group["penalty"]: [name for name, _ in group["params"]] for group in groups}
+    # The classifier (fc2, the model's output) is not penalised: W* would drop classes.
     assert by_penalty == {
-        "group": [*LENET_CONV, "fc1.weight", "fc2.weight"],
-        "none": ["conv1.bias", "conv2.bias", "conv3.bias", "fc1.bias", "fc2.bias"],
+        "group": [*LENET_CONV, "fc1.weight"],
+        "none": ["conv1.bias", "conv2.bias", "conv3.bias", "fc1.bias", "fc2.weight", "fc2.bias"],
     }
     by_penalty = {g["penalty"]: [n for n, _ in g["params"]] for g in train.slbi_param_groups(model, "l1")}
-    assert by_penalty["group"] == LENET_CONV and by_penalty["l1"] == ["fc1.weight", "fc2.weight"]
+    assert by_penalty["group"] == LENET_CONV and by_penalty["l1"] == ["fc1.weight"]
 
     resnet = build_model("resnet20")
     groups = {g["penalty"]: [n for n, _ in g["params"]] for g in train.slbi_param_groups(resnet, "group")}
-    assert len(groups["group"]) == 19 + 1  # 19 conv layers and the classifier
-    assert all(".bn" in name or name.startswith("bn") or name.endswith("bias") for name in groups["none"])
+    assert len(groups["group"]) == 19  # the 19 conv layers, not the classifier
+    assert "fc.weight" in groups["none"]
+    assert all(
+        ".bn" in name or name.startswith("bn") or name.endswith("bias") or name == "fc.weight"
+        for name in groups["none"]
+    )
 
 
 def test_default_path_layer() -> None:
@@ -380,3 +385,26 @@ def test_state_dtype_reaches_the_optimizer(argv: list[str], state_dtype: torch.d
         if name.endswith("weight"):
             assert optimizer.state[param]["z"].dtype == state_dtype, name
     assert isinstance(loop.build_optimizer("sgd", model, args), torch.optim.SGD)
+
+
+def test_target_macs_cuts_the_network_to_a_size(tmp_path: Path, synthetic_data: list[str], capsys) -> None:
+    out = tmp_path / "out"
+    assert train.main([*TINY, "--out", str(out), "--warmup-iters", "2", "--target-macs", "0.6"]) == 0
+    printed = capsys.readouterr().out
+    assert "channels down to 0.6 × MACs" in printed
+    saved = torch.load(out / "slim.pt", weights_only=True)
+    slim = build_model("lenet")
+    from slbi_triton.slimming import rebuild
+
+    rebuild(slim, saved["removed"], torch.zeros(1, 1, 28, 28))
+    slim.load_state_dict(saved["model"])
+    import torch_pruning as tp
+
+    dense_macs = tp.utils.count_ops_and_params(build_model("lenet"), torch.zeros(1, 1, 28, 28))[0]
+    slim_macs = tp.utils.count_ops_and_params(slim, torch.zeros(1, 1, 28, 28))[0]
+    assert slim_macs <= 0.62 * dense_macs  # conv / linear MACs at the target; other ops add a little
+
+
+def test_target_macs_needs_slbi(tmp_path: Path, synthetic_data: list[str]) -> None:
+    argv = [*TINY, "--out", str(tmp_path / "out"), "--optimizer", "sgd", "--target-macs", "0.5"]
+    assert train.main(argv) == 2

@@ -143,7 +143,7 @@ def test_followers_read_the_group_norm_without_counting_in_it() -> None:
     group = opt.param_groups[0]
     ids = dict(zip([id(p) for p in group["params"]], group["channel_ids"], strict=True))
     # bn1's γ and β (members) against conv1's filters (followers) of the same channels.
-    z = {name: opt.state[param]["z"] for name, param in model.named_parameters()}
+    z = {name: opt.state[param]["z"] for name, param in model.named_parameters() if id(param) in ids}
     members = torch.zeros(channel_norms(opt).numel(), dtype=torch.float64)
     counts = torch.zeros_like(members)
     for name, param in model.named_parameters():

@@ -444,7 +444,7 @@ class SLBI(Optimizer):
         ]
         if changed:  # the prune order and path of another penalty have another shape: they restart
             self._toolbox.forget_order([slot.param for slot in changed])
-        if changed or [ids for _, ids in key] != [ids for _, ids in self._checked_layout]:
+        if changed or [ids for _, *ids in key] != [ids for _, *ids in self._checked_layout]:
             self._relayout()
         self._checked_layout = key
 

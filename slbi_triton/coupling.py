@@ -132,29 +132,38 @@ def channel_groups(model: nn.Module, example_inputs: Any) -> ChannelGroups:
         groups.num_groups += 1
         groups.writers.append([(graph.name(m.module), m.index) for m in channel_set.producers])
         groups.readers.append([(graph.name(m.module), m.index) for m in channel_set.consumers])
-        for member in channel_set.members:
-            module = member.module
-            if not isinstance(module, nn.Module):
-                continue
-            out_side = graph.graph.is_out_channel_pruning_fn(member.dep.handler)
-            if isinstance(module, _NORMS) and module.affine:
-                attrs = ["weight", "bias"]
-            elif graph_module.plain_layer(module) and out_side:
-                attrs = ["weight"] + (["bias"] if module.bias is not None else [])
-                if graph.follower_norm(module) is not None:
-                    groups.followers.add(graph.param_name(module, "weight"))
-                    attrs = ["weight"]  # the bias is cancelled by the BatchNorm: no member
-            else:
-                continue
-            for attr in attrs:
-                name = graph.param_name(module, attr)
-                ids = groups.ids.get(name)
-                if ids is None:
-                    ids = groups.ids[name] = torch.full((params[name].shape[0],), -1, dtype=torch.int64)
-                ids[member.index] = number
+        _add_members(groups, graph, channel_set, number, params)
     for name in groups.outputs:
         groups.ids.pop(name, None)
     return groups
+
+
+def _add_members(groups: ChannelGroups, graph: Any, channel_set: Any, number: int, params: dict) -> None:
+    """Give group ``number`` the rows of ``channel_set``: BatchNorm γ and β and the
+    writers' filters (followers where a BatchNorm follows them), or the writers' filters
+    and biases (members)."""
+    from .slimming.graph import plain_layer
+
+    for member in channel_set.members:
+        module = member.module
+        if not isinstance(module, nn.Module):
+            continue
+        out_side = graph.graph.is_out_channel_pruning_fn(member.dep.handler)
+        if isinstance(module, _NORMS) and module.affine:
+            attrs = ["weight", "bias"]
+        elif plain_layer(module) and out_side:
+            attrs = ["weight"] + (["bias"] if module.bias is not None else [])
+            if graph.follower_norm(module) is not None:
+                groups.followers.add(graph.param_name(module, "weight"))
+                attrs = ["weight"]  # the bias is cancelled by the BatchNorm: no member
+        else:
+            continue
+        for attr in attrs:
+            name = graph.param_name(module, attr)
+            ids = groups.ids.get(name)
+            if ids is None:
+                ids = groups.ids[name] = torch.full((params[name].shape[0],), -1, dtype=torch.int64)
+            ids[member.index] = number
 
 
 def param_groups(

@@ -56,6 +56,19 @@ class KernelInfo:
     variant: str | None = None
 
 
+def kernel_infos(kernels: Sequence[BucketKernel]) -> list[KernelInfo]:
+    """``SLBI.kernels()``: one :class:`KernelInfo` per bucket, from its kernel object."""
+    return [
+        KernelInfo(
+            kernel.name, kernel.bucket.device, kernel.bucket.dtype, kernel.bucket.state_dtype,
+            tuple(slot.name if slot.name is not None else slot.index
+                  for slot in sorted(kernel.bucket.slots, key=lambda s: s.index)),
+            kernel_variant(kernel.name, kernel.bucket.dtype, kernel.bucket.state_dtype),
+        )
+        for kernel in kernels
+    ]
+
+
 def kernel_variant(kernel: str, dtype: torch.dtype, state_dtype: torch.dtype) -> str | None:
     """``KernelInfo.variant`` of a bucket that ``kernel`` updates."""
     return cpu_step.variant(dtype, state_dtype) if kernel == "c" else None

@@ -19,7 +19,6 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import checkpoint, dispatch, torch_private
 from .buckets import FlatBucket
-from .channel_ids import channel_ids_of
 from .dispatch import BucketKernel, HparamTables, KernelInfo, amp_inputs_for, check_backend, choose_kernel
 from .names import drop_tied
 from .penalties import ModulePenalties, owners_from
@@ -213,19 +212,12 @@ class SLBI(Optimizer):
         state["state"] = defaultdict(dict)
         for param, entry in self.state.items():
             state["state"][param] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
-        state["slbi"] = {
-            "backend": self.backend,
-            "fused": self.fused,
-            "state_dtype": self.state_dtype,
-            "seed": self._storage.seed,
-            "steps": self._storage.steps_done(),
-            "current_epoch": self.current_epoch,
-            "order_path": self._toolbox.order_path,
-            "frozen": self._pruner.frozen,
-            "snapshot": self._pruner.snapshot,
-            "aliases": self._toolbox.aliases,
-            "module_penalties": self._module_penalties.by_position,
-        }
+        state["slbi"] = dict(
+            backend=self.backend, fused=self.fused, state_dtype=self.state_dtype, seed=self._storage.seed,
+            steps=self._storage.steps_done(), current_epoch=self.current_epoch,
+            order_path=self._toolbox.order_path, frozen=self._pruner.frozen, snapshot=self._pruner.snapshot,
+            aliases=self._toolbox.aliases, module_penalties=self._module_penalties.by_position,
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -293,15 +285,7 @@ class SLBI(Optimizer):
     def kernels(self) -> list[KernelInfo]:
         """Which kernel updates which parameters: one :class:`KernelInfo` per flat buffer
         (``"triton"``, ``"c"``, ``"inductor"`` or ``"eager"``; see ``docs/design.md``)."""
-        return [
-            KernelInfo(
-                kernel.name, bucket.device, bucket.dtype, bucket.state_dtype,
-                tuple(slot.name if slot.name is not None else slot.index for slot in sorted(
-                    bucket.slots, key=lambda s: s.index)),
-                dispatch.kernel_variant(kernel.name, bucket.dtype, bucket.state_dtype),
-            )
-            for kernel, bucket in zip(self._storage.kernels, self._storage.buckets, strict=True)
-        ]
+        return dispatch.kernel_infos(self._storage.kernels)
 
     def _relayout(self, steps: int | None = None) -> None:
         self._storage.layout(self.param_groups, self.state, self._choose_kernel, steps)
@@ -436,12 +420,7 @@ class SLBI(Optimizer):
         key = self._layout_key()
         if key == self._checked_layout and not names_changed:
             return
-        coupled = [ids is not None for group in self.param_groups for ids in channel_ids_of(group)]
-        penalties = [group["penalty"] for group in self.param_groups]
-        changed = [
-            slot for slot in self._storage.slots
-            if slot.penalty != self._penalty_of(penalties[slot.group_index], slot.index, coupled[slot.index])
-        ]
+        changed = self._storage.stale_slots(self.param_groups)
         if changed:  # the prune order and path of another penalty have another shape: they restart
             self._toolbox.forget_order([slot.param for slot in changed])
         if changed or [ids for _, *ids in key] != [ids for _, *ids in self._checked_layout]:

@@ -108,6 +108,17 @@ class FlatStorage:
         self._by_id = {id(slot.param): slot for slot in slots}
         self.set_frozen(self._frozen)
 
+    def stale_slots(self, groups: Groups) -> list[Slot]:
+        """The slots whose penalty their group's penalty, names and ``channel_ids`` no
+        longer give (e.g. after a penalty change)."""
+        coupled = [ids is not None for group in groups for ids in channel_ids_of(group)]
+        return [
+            slot for slot in self.slots
+            if slot.penalty != self.penalty_of(
+                groups[slot.group_index]["penalty"], slot.param, slot.name, slot.index, coupled[slot.index]
+            )
+        ]
+
     def bucket_of(self, slot: Slot) -> FlatBucket:
         return next(bucket for bucket in self.buckets if any(s is slot for s in bucket.slots))
 

@@ -260,7 +260,7 @@ def test_slim_warns_where_the_input_has_no_gradient() -> None:
             return self.fc(self.emb(tokens).mean(dim=1))
 
     model = Tokens()
-    opt = SLBI(model.named_parameters(), lam=1.0)
+    opt = SLBI(model.named_parameters(), lam=1.0, penalty="l1")  # "auto" leaves an embedding alone
     with pytest.warns(UserWarning, match=r"\['emb.weight', 'fc.weight'\].*support is empty.*not checked"):
         slbi_triton.slim(model, opt, torch.randint(0, 10, (4, 5)))
 
@@ -362,8 +362,10 @@ def test_an_unknown_name_says_it_may_be_a_tied_weight() -> None:
 
 def test_both_names_of_a_tied_weight_work_with_remove_duplicate_false() -> None:
     model, twin = TiedLM(), TiedLM()
-    opt = SLBI(model.named_parameters(remove_duplicate=False), lr=0.1, mu=2.0, lam=0.01, backend="torch")
-    twin_opt = SLBI(twin.named_parameters(), lr=0.1, mu=2.0, lam=0.01, backend="torch")
+    # "l1": "auto" leaves a weight an embedding holds unpenalised.
+    hyper = {"lr": 0.1, "mu": 2.0, "lam": 0.01, "penalty": "l1", "backend": "torch"}
+    opt = SLBI(model.named_parameters(remove_duplicate=False), **hyper)
+    twin_opt = SLBI(twin.named_parameters(), **hyper)
     assert opt.names == twin_opt.names == ["emb.weight", "mix.weight", "mix.bias"]
     lm_steps(model, opt)
     lm_steps(twin, twin_opt)

@@ -91,9 +91,10 @@ def test_tiny_run_writes_every_artifact(
         "conv_filters_out",
     ):
         assert math.isfinite(float(row[column])), column
-    for layer in [*LENET_CONV, "fc1.weight", "fc2.weight"]:
+    for layer in [*LENET_CONV, "fc1.weight"]:
         assert 0.0 <= float(row[f"support_{layer}"]) <= 1.0
     assert "support_conv1.bias" not in row  # biases are not penalised
+    assert "support_fc2.weight" not in row  # nor the classifier
 
     prune = _read_csv(out / "prune.csv")
     assert [int(r["percent"]) for r in prune] == list(train.PRUNE_PERCENTS)

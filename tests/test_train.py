@@ -383,7 +383,7 @@ def test_state_dtype_reaches_the_optimizer(argv: list[str], state_dtype: torch.d
     optimizer.step()
     for name, param in model.named_parameters():
         assert optimizer.state[param]["momentum_buffer"].dtype == state_dtype, name
-        if name.endswith("weight"):
+        if name.endswith("weight") and name != "fc2.weight":  # the classifier has no Z
             assert optimizer.state[param]["z"].dtype == state_dtype, name
     assert isinstance(loop.build_optimizer("sgd", model, args), torch.optim.SGD)
 

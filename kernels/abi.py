@@ -299,6 +299,20 @@ class SlotSpan(Protocol):
     def group_size(self) -> int: ...
 
 
+@dataclass
+class Span:
+    """A plain :class:`SlotSpan`: a parameter's place in a bucket built without an
+    optimizer (the autotune's scratch bucket, the kernel tests)."""
+
+    offset: int
+    numel: int
+    penalty: str
+    num_groups: int
+    group_size: int
+    group_index: int = 0
+    norm_offset: int = 0
+
+
 def index_dtype(numel: int, num_norms: int) -> torch.dtype:
     """The chunk table's dtype: int32 while every offset fits, else int64."""
     return torch.int32 if max(numel, num_norms) < 2**31 else torch.int64

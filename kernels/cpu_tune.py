@@ -255,21 +255,10 @@ def scratch_bucket(dtype: torch.dtype, state_dtype: torch.dtype) -> abi.BucketAr
     )
 
 
-@dataclass
-class _Span:
-    offset: int
-    numel: int
-    penalty: str
-    num_groups: int
-    group_size: int
-    group_index: int = 0
-    norm_offset: int = 0
-
-
-def _scratch_spans(rows: int) -> list[_Span]:
-    group = _Span(0, rows * 1152, "group", rows, 1152)
-    l1 = _Span(group.numel, 1000 * 512, "l1", 0, 0)
-    return [group, l1, _Span(l1.offset + l1.numel, 4096, "none", 0, 0)]
+def _scratch_spans(rows: int) -> list[abi.Span]:
+    group = abi.Span(0, rows * 1152, "group", rows, 1152)
+    l1 = abi.Span(group.numel, 1000 * 512, "l1", 0, 0)
+    return [group, l1, abi.Span(l1.offset + l1.numel, 4096, "none", 0, 0)]
 
 
 def fastest(steps: Mapping[str, Callable[[], object]], rounds: int = ROUNDS) -> tuple[str, dict[str, float]]:

@@ -30,18 +30,20 @@ def followers_of(group: Mapping[str, Any]) -> list[bool]:
     return [False] * len(group["params"]) if follows is None else [bool(f) for f in follows]
 
 
+def _check_parallel(value: Any, key: str, what: str, params: Sequence[Tensor], where: str) -> None:
+    """A param-group key's value is ``what`` (a sequence) with one entry per parameter."""
+    if isinstance(value, (Tensor, str)) or not isinstance(value, Sequence):
+        raise TypeError(f"{key} ({where}) must be {what} parallel to params, got {type(value).__name__}")
+    if len(value) != len(params):
+        raise ValueError(f"{key} ({where}) has {len(value)} entries for {len(params)} parameters")
+
+
 def check_followers(params: Sequence[Tensor], channel_ids: Any, followers: Any, where: str) -> None:
     """``"channel_followers"`` (``None``: none): a list of bools parallel to ``params``;
     a follower has ``channel_ids``."""
     if followers is None:
         return
-    if isinstance(followers, (Tensor, str)) or not isinstance(followers, Sequence):
-        raise TypeError(f"channel_followers ({where}) must be a list of bools parallel to params, got "
-                        f"{type(followers).__name__}")
-    if len(followers) != len(params):
-        raise ValueError(
-            f"channel_followers ({where}) has {len(followers)} entries for {len(params)} parameters"
-        )
+    _check_parallel(followers, "channel_followers", "a list of bools", params, where)
     if not all(isinstance(f, bool) for f in followers):
         raise TypeError(f"channel_followers ({where}) must hold bools")
     ids = channel_ids if channel_ids is not None else [None] * len(params)
@@ -64,11 +66,7 @@ def check_channel_ids(
     check_followers(params, channel_ids, followers, where)
     if channel_ids is None:
         return
-    if isinstance(channel_ids, (Tensor, str)) or not isinstance(channel_ids, Sequence):
-        raise TypeError(f"channel_ids ({where}) must be a list parallel to params, got "
-                        f"{type(channel_ids).__name__}")
-    if len(channel_ids) != len(params):
-        raise ValueError(f"channel_ids ({where}) has {len(channel_ids)} entries for {len(params)} parameters")
+    _check_parallel(channel_ids, "channel_ids", "a list", params, where)
     names = names or [None] * len(params)
     owners: dict[int, tuple[str, Tensor]] = {}
     for position, (param, ids, name) in enumerate(zip(params, channel_ids, names, strict=True)):

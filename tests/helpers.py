@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import field, fields, make_dataclass
 from typing import Any
 
 import torch
@@ -137,27 +137,14 @@ def flat_storages(tensors: Sequence[Tensor]) -> set[int]:
 # -- flat buckets on plain tensors, for the kernel tests -----------------------------------
 
 
-@dataclass
-class Span:
-    """One parameter's place in a test bucket (an ``abi.SlotSpan``)."""
-
-    offset: int
-    numel: int
-    penalty: str
-    num_groups: int
-    group_size: int
-    group_index: int = 0
-    norm_offset: int = 0
-
-
-def layout(shapes: Sequence[tuple[int, ...]], penalties: Sequence[str]) -> tuple[list[Span], int, int]:
+def layout(shapes: Sequence[tuple[int, ...]], penalties: Sequence[str]) -> tuple[list[abi.Span], int, int]:
     """Spans laid out as the optimizer lays them out (every one 16-element aligned); the
     bucket's length and number of group norms."""
     spans, offset, norms = [], 0, 0
     for shape, penalty in zip(shapes, penalties, strict=True):
         numel = math.prod(shape)
         groups = shape[0] if penalty == "group" else 0
-        spans.append(Span(offset, numel, penalty, groups, numel // shape[0] if groups else 0, 0, norms))
+        spans.append(abi.Span(offset, numel, penalty, groups, numel // shape[0] if groups else 0, 0, norms))
         offset = -(-(offset + numel) // abi.SLOT_ALIGNMENT) * abi.SLOT_ALIGNMENT
         norms += groups
     return spans, offset, norms

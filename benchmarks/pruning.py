@@ -12,9 +12,11 @@ of the dense model's MACs, then fine-tuned for one epoch (SGD, lr ``--finetune-l
 - ``SGD, dense``: no pruning (the fine-tune epoch is one more epoch of training);
 - ``Torch-Pruning MagnitudePruner``: the SGD model, pruned by filter L2 norm;
 - ``Torch-Pruning GroupNormPruner``: group-sparse training (``reg``) then pruning;
-- ``SLBI, coupled groups``: ``SLBI(param_groups(model, x))`` (one group per removable
-  channel, BatchNorm's γ and β its members), then :func:`slbi_triton.prune_to`: the
-  channels with the smallest ‖Z_G‖ go until the MAC target is met (the slim network).
+- ``SLBI, coupled groups + MacTarget``: ``SLBI(param_groups(model, x))`` (one group per
+  removable channel, BatchNorm's γ and β its members) with :class:`slbi_triton.MacTarget`:
+  from ``--ramp-start`` to ``--ramp-end`` of the steps, the channels with the smallest
+  ‖Z_G‖ are held out of the support until the budget is met, and decay; then
+  :func:`slbi_triton.prune_to` cuts them (the slim network).
 
 Torch-Pruning needs the package's option-A shortcut pruner for this model
 (:class:`slbi_triton.slimming.RouterPruner`); the pruning ratio of its arms is searched
@@ -27,7 +29,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -38,7 +39,8 @@ import torch.nn.functional as F  # noqa: N812
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from slbi_triton import SLBI, param_groups, prune_to
+from benchmarks.report import machine_description
+from slbi_triton import SLBI, MacTarget, param_groups, prune_to
 from slbi_triton.slimming import RouterPruner, couple_routers
 from slbi_triton.train.data import load_dataset, subset
 from slbi_triton.train.models import ResNet20, ShortcutA
@@ -51,7 +53,9 @@ class Arm:
     name: str
     macs: float  # share of the dense model's MACs
     params: int
+    trained: float  # test accuracy (%) of the trained model, before the cut
     after_pruning: float | None  # test accuracy (%) right after the cut
+    recalibrated: float | None  # right after the cut, BatchNorm statistics re-estimated
     after_finetune: float  # test accuracy (%) after the fine-tune epoch
     seconds: float
 
@@ -61,7 +65,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        train, test = load_dataset("fashion-mnist", args.data_dir)
+        train, test = load_dataset(args.dataset, args.data_dir)
         self.train = subset(train, args.train_size)
         self.test = subset(test, args.test_size)
         torch.manual_seed(args.seed)
@@ -126,17 +130,34 @@ class Bench:
         model.train()
         return 100.0 * correct / len(images)
 
+    @torch.no_grad()
+    def recalibrated_accuracy(self, model: nn.Module) -> float:
+        """Test accuracy with BatchNorm's running statistics re-estimated on
+        ``--recalibrate`` training batches (no weight changes; on a copy)."""
+        model = copy.deepcopy(model)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # a plain average over the batches
+        model.train()
+        for _, (images, _labels) in zip(range(self.args.recalibrate), self.batches(0), strict=False):
+            model(images)
+        return self.accuracy(model)
+
     def size(self, model: nn.Module) -> tuple[float, int]:
         macs, params = tp.utils.count_ops_and_params(model, self.example[:1])
         return macs / self.dense_macs, int(params)
 
-    def arm(self, name: str, model: nn.Module, after_pruning: float | None, seconds: float) -> Arm:
-        """The row of ``model`` after the fine-tune epoch; ``seconds`` spent before it."""
+    def arm(self, name: str, model: nn.Module, trained: float, pruned: bool, seconds: float) -> Arm:
+        """The row of ``model`` (cut, if ``pruned``) after the fine-tune epoch; ``trained``:
+        the accuracy before the cut; ``seconds`` spent before the fine-tune."""
         macs, params = self.size(model)
+        after = self.accuracy(model) if pruned else None
+        recalibrated = self.recalibrated_accuracy(model) if pruned else None
         started = time.perf_counter()
         self.finetune(model)
         seconds += time.perf_counter() - started
-        return Arm(name, macs, params, after_pruning, self.accuracy(model), seconds)
+        return Arm(name, macs, params, trained, after, recalibrated, self.accuracy(model), seconds)
 
 
 def tp_pruner(kind: str, model: nn.Module, bench: Bench, ratio: float, **kwargs: Any) -> Any:
@@ -174,11 +195,12 @@ def run_sgd_arms(bench: Bench) -> list[Arm]:
     model = bench.fresh()
     opt = torch.optim.SGD(model.parameters(), lr=bench.args.lr, momentum=0.9)
     bench.train_epochs(model, opt)
-    trained = time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    trained = bench.accuracy(model)
     pruned = prune_tp_to_target("magnitude", copy.deepcopy(model), bench)
-    magnitude = bench.arm("Torch-Pruning MagnitudePruner (SGD weights)", pruned, bench.accuracy(pruned),
+    magnitude = bench.arm("Torch-Pruning MagnitudePruner (SGD weights)", pruned, trained, True,
                           time.perf_counter() - started)
-    return [bench.arm("SGD, dense (+1 epoch)", model, None, trained), magnitude]
+    return [bench.arm("SGD, dense (+1 epoch)", model, trained, False, seconds), magnitude]
 
 
 def run_group_norm_arm(bench: Bench) -> Arm:
@@ -187,9 +209,10 @@ def run_group_norm_arm(bench: Bench) -> Arm:
     opt = torch.optim.SGD(model.parameters(), lr=bench.args.lr, momentum=0.9)
     regulariser = tp_pruner("group_norm", model, bench, 0.5, reg=bench.args.tp_reg)
     bench.train_epochs(model, opt, after_backward=lambda: regulariser.regularize(model))
+    trained = bench.accuracy(model)
     prune_tp_to_target("group_norm", model, bench, reg=bench.args.tp_reg)
-    return bench.arm(f"Torch-Pruning GroupNormPruner (reg {bench.args.tp_reg:g})", model,
-                     bench.accuracy(model), time.perf_counter() - started)
+    return bench.arm(f"Torch-Pruning GroupNormPruner (reg {bench.args.tp_reg:g})", model, trained, True,
+                     time.perf_counter() - started)
 
 
 def run_slbi_arm(bench: Bench) -> Arm:
@@ -198,38 +221,36 @@ def run_slbi_arm(bench: Bench) -> Arm:
     args = bench.args
     groups = param_groups(model, bench.example, lam=args.lam)
     opt = SLBI(groups, lr=args.lr, kappa=args.kappa, mu=args.mu, momentum=0.9)
-    bench.train_epochs(model, opt)
+    start, end = (round(share * bench.total_steps) for share in (args.ramp_start, args.ramp_end))
+    target = MacTarget(model, opt, bench.example, args.target_macs, start=start, end=end)
+    bench.train_epochs(model, opt, after_step=target.step)
+    trained = bench.accuracy(model)
     slim = prune_to(model, opt, bench.example, macs=args.target_macs).model
-    name = f"SLBI, coupled groups (κ {args.kappa:g}, μ {args.mu:g}, λ {args.lam:g}) + prune_to"
-    return bench.arm(name, slim, bench.accuracy(slim), time.perf_counter() - started)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    name = (f"SLBI, coupled groups (κ {args.kappa:g}, μ {args.mu:g}, λ {args.lam:g}) + MacTarget "
+            f"({args.ramp_start:g}-{args.ramp_end:g} of the steps) + prune_to")
+    return bench.arm(name, slim, trained, True, time.perf_counter() - started)
 
 
 def markdown(arms: list[Arm], bench: Bench) -> str:
     args = bench.args
     lines = [
-        f"ResNet-20, Fashion-MNIST (first {args.train_size} training images, {args.test_size} test), "
+        f"ResNet-20, {args.dataset} (first {args.train_size} training images, {args.test_size} test), "
         f"{args.epochs} epochs + 1 fine-tune epoch, target {args.target_macs:g} × MACs; "
         f"dense: {bench.dense_macs / 1e6:.1f} M MACs, {bench.dense_params:,} parameters; "
-        f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        f"CPU: {machine_description(torch.device('cpu'))}, torch {torch.__version__}",
         "",
-        "| arm | MACs | params | right after pruning | after the fine-tune epoch | wall time |",
-        "|---|---|---|---|---|---|",
+        "| arm | MACs | params | trained, before the cut | right after the cut | same, BN statistics "
+        f"re-estimated ({args.recalibrate} batches) | after the fine-tune epoch | wall time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def percent(value: float | None) -> str:
+        return "–" if value is None else f"{value:.1f} %"
+
     for arm in arms:
-        after = "–" if arm.after_pruning is None else f"{arm.after_pruning:.1f} %"
         lines.append(
-            f"| {arm.name} | {arm.macs:.2f} | {arm.params:,} | {after} | {arm.after_finetune:.1f} % | "
+            f"| {arm.name} | {arm.macs:.2f} | {arm.params:,} | {percent(arm.trained)} | "
+            f"{percent(arm.after_pruning)} | {percent(arm.recalibrated)} | {percent(arm.after_finetune)} | "
             f"{arm.seconds / 60:.1f} min |"
         )
     return "\n".join(lines)
@@ -245,20 +266,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--target-macs", type=float, default=0.5)
-    parser.add_argument("--mu", type=float, default=100.0)
-    parser.add_argument("--lam", type=float, default=0.35)
+    parser.add_argument("--mu", type=float, default=5.0)
+    parser.add_argument("--lam", type=float, default=0.1)
     parser.add_argument("--kappa", type=float, default=1.0)
+    parser.add_argument("--ramp-start", type=float, default=0.1, help="MacTarget's start, share of the steps")
+    parser.add_argument("--ramp-end", type=float, default=0.5, help="MacTarget's end, share of the steps")
     parser.add_argument("--tp-reg", type=float, default=5e-4)
+    parser.add_argument("--recalibrate", type=int, default=20, help="batches re-estimating BN statistics")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "mnist"])
     parser.add_argument("--arms", default="sgd,group_norm,slbi")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.epochs, args.train_size, args.test_size, args.warmup = 1, 256, 500, 2
+        args.epochs, args.train_size, args.test_size, args.warmup, args.recalibrate = 1, 256, 500, 2, 2
         args.batch_size = 64
     return args
 
@@ -267,7 +292,7 @@ def main(argv: list[str] | None = None) -> list[Arm]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     bench = Bench(args)
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}; {args.threads} threads", flush=True)
+    print(f"CPU: {machine_description(torch.device('cpu'))}; torch {torch.__version__}", flush=True)
     arms: list[Arm] = []
     runners = {"sgd": run_sgd_arms, "group_norm": run_group_norm_arm, "slbi": run_slbi_arm}
     for key in args.arms.split(","):

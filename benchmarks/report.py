@@ -90,13 +90,16 @@ def machine_description(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         return f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
     model = platform.processor() or "cpu"
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    model = fields.get("model name", model)
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']} model {fields['model']})"
     return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 

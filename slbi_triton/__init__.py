@@ -10,7 +10,7 @@ from .dispatch import KernelInfo
 from .optimizer import SLBI
 from .recording import load_records
 from .slimming import SlimError, SlimResult, slim
-from .targets import MacModel, channel_norms, prune_to
+from .targets import MacModel, MacTarget, channel_norms, hold_out, prune_to
 from .toolbox import SENTINEL_EPOCH, LayerSparsity, UnknownLayerError
 
 __all__ = [
@@ -19,11 +19,13 @@ __all__ = [
     "KernelInfo",
     "LayerSparsity",
     "MacModel",
+    "MacTarget",
     "ModuleGraphError",
     "SlimError",
     "SlimResult",
     "UnknownLayerError",
     "channel_norms",
+    "hold_out",
     "load_records",
     "param_groups",
     "prune_to",

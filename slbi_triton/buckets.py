@@ -141,8 +141,12 @@ class FlatBucket:
         self.numel = offset
         self.num_rows = norm_offset
         """Group-penalty rows: their own norms are ``group_norms[:num_rows]``."""
-        self.coupling = self._coupled_tables()
-        """The ABI's coupled tables on the bucket's device (``None``: no coupled group)."""
+        self.coupling, self.coupled_channels = self._coupled_tables()
+        """The ABI's coupled tables on the bucket's device (``None``: no coupled group), and
+        per coupled group its (param group, channel id) (an int64 CPU tensor ``(C, 2)``)."""
+        self.unheld_scale = None if self.coupling is None else self.coupling.coupled_scale.clone()
+        """``s_G`` of every coupled group as if none were held out (``coupled_scale`` holds 0
+        for a held-out group: docs/design.md, "Held-out groups")."""
         self.coupled_members = (
             None if self.coupling is None
             else functional.member_table(self.coupling.coupled_offsets, self.coupling.coupled_rows)
@@ -170,16 +174,17 @@ class FlatBucket:
         self.frozen: tuple[Tensor, Tensor] | None = None  # flat masks of W and the norms
         self._frozen_partial: list[Slot] = []
 
-    def _coupled_tables(self) -> abi.CoupledTables | None:
+    def _coupled_tables(self) -> tuple[abi.CoupledTables | None, Tensor | None]:
         """The coupled tables from the slots' ``channel_ids``: rows of one param group
-        sharing an id form a coupled group (numbered by (param group, id))."""
+        sharing an id form a coupled group (numbered by (param group, id)); and the
+        (param group, id) of each group."""
         parts = [
             (slot.norm_offset, torch.full_like(slot.channel_ids, slot.group_index), slot.channel_ids,
              torch.full_like(slot.channel_ids, slot.follows, dtype=torch.bool))
             for slot in self.slots if slot.channel_ids is not None and slot.penalty == "group"
         ]
         if not parts:
-            return None
+            return None, None
         row_keys = torch.full((self.num_rows,), -1, dtype=torch.int64)
         follows = torch.zeros(self.num_rows, dtype=torch.bool)
         groups, ids, following = (torch.cat([part[at] for part in parts]) for at in (1, 2, 3))
@@ -190,7 +195,12 @@ class FlatBucket:
         row_keys[rows] = keys
         follows[rows] = following
         tables = abi.coupled_tables(row_keys, self.dtype, self.numel, follows)
-        return None if tables is None else abi.CoupledTables(*(t.to(self.device) for t in tables))
+        if tables is None:
+            return None, None
+        first_rows = tables.coupled_rows[tables.coupled_offsets[:-1].long()].long()
+        row_pairs = torch.full((self.num_rows, 2), -1, dtype=torch.int64)
+        row_pairs[rows] = pairs.T
+        return abi.CoupledTables(*(t.to(self.device) for t in tables)), row_pairs[first_rows]
 
     def view_of(self, flat: Tensor, slot: Slot) -> Tensor:
         """``slot``'s view into the flat buffer ``flat``, with the parameter's layout."""
@@ -213,13 +223,18 @@ class FlatBucket:
         flat = self.group_norms if per_norm is None else per_norm
         return flat[slot.norm_offset : slot.norm_offset + slot.num_groups]
 
-    def prox_norms_of(self, slot: Slot, own: Tensor | None = None) -> Tensor:
+    def prox_norms_of(self, slot: Slot, own: Tensor | None = None, unheld: bool = False) -> Tensor:
         """The norm each row of ``slot``'s prox uses: its coupled group's ‖Z_G‖ where it
-        has one, else its own ‖Z_r‖ (the stored one, or ``own``'s entry if given)."""
+        has one, else its own ‖Z_r‖ (the stored one, or ``own``'s entry if given); with
+        ``unheld``, a held-out group's norm as if it were not held out."""
         if self.coupling is None:
             return self.norms_of(slot) if own is None else own
         at = self.norms_of(slot, self.coupling.norm_index)
-        prox = self.group_norms[at]
+        norms = self.group_norms
+        if unheld:
+            norms = norms.clone()
+            functional.coupled_norms_(norms, self.coupled_members, self.unheld_scale)
+        prox = norms[at]
         if own is not None:
             prox = torch.where(at >= self.num_rows, prox, own.to(prox.dtype))
         return prox
@@ -242,6 +257,18 @@ class FlatBucket:
             if slot.penalty == "group":
                 z_rows = self.flat_range(self.z, slot).view(slot.num_groups, -1)
                 functional.refresh_group_norms_(z_rows, self.norms_of(slot))
+        self.refresh_coupled_norms()
+
+    def hold_out(self, held: Mapping[int, Tensor]) -> None:
+        """Hold the coupled groups named in ``held`` (param group → channel ids) out of
+        the support and give every other group its ``s_G`` back; then the coupled norms."""
+        if self.coupling is None:
+            return
+        out = torch.zeros(len(self.coupled_channels), dtype=torch.bool)
+        for index, ids in held.items():
+            out |= (self.coupled_channels[:, 0] == index) & torch.isin(self.coupled_channels[:, 1], ids)
+        scale = torch.where(out.to(self.device), torch.zeros_like(self.unheld_scale), self.unheld_scale)
+        self.coupling.coupled_scale.copy_(scale)
         self.refresh_coupled_norms()
 
     def refresh_coupled_norms(self, found_inf: Tensor | None = None) -> None:

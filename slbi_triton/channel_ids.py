@@ -98,3 +98,50 @@ def _check_ids_of(param: Tensor, ids: Any, label: str) -> None:
     if bool((ids < -1).any()):
         raise ValueError(f"channel_ids of {label} holds {int(ids.min())}: an id is >= 0 (a coupled "
                          "group) or -1 (no group)")
+
+
+def held_out_of(group: Mapping[str, Any]) -> Tensor | None:
+    """A param group's ``"held_out"``: the channel ids held out of the support, or ``None``."""
+    return group.get("held_out")
+
+
+def coupled_channels(channel_ids: Sequence[Tensor | None], followers: Sequence[bool]) -> Tensor:
+    """The ids of a param group that form coupled groups: held by two rows or more, at
+    least one of them a member (not a follower); sorted."""
+    pairs = zip(channel_ids, followers, strict=True)
+    parts = [(ids[ids >= 0], follows) for ids, follows in pairs if ids is not None]
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64)
+    ids = torch.cat([part for part, _ in parts])
+    member = torch.cat([torch.full_like(part, not follows) for part, follows in parts])
+    values, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    members = torch.zeros_like(counts).index_add_(0, inverse, member)
+    return values[(counts >= 2) & (members >= 1)]
+
+
+def check_held_out(group: Mapping[str, Any], where: str) -> None:
+    """``"held_out"`` (``None``: none): a 1-D int64 CPU tensor of ids of coupled groups of
+    the param group (``docs/design.md``, "Held-out groups")."""
+    held = held_out_of(group)
+    if held is None:
+        return
+    plain_ids = isinstance(held, Tensor) and held.dtype == torch.int64 and held.device.type == "cpu"
+    if not plain_ids or held.dim() != 1:
+        described = (f"{held.dtype} tensor of shape {tuple(held.shape)} on {held.device}"
+                     if isinstance(held, Tensor) else type(held).__name__)
+        raise TypeError(
+            f"held_out ({where}) must be None or a 1-D int64 CPU tensor of channel ids, got {described}"
+        )
+    if held.numel() == 0:
+        return
+    if group.get("channel_ids") is None:
+        raise ValueError(
+            f"held_out ({where}): the param group has no channel_ids, so no coupled group to hold out"
+        )
+    coupled = coupled_channels(channel_ids_of(group), followers_of(group))
+    unknown = held[~torch.isin(held, coupled)]
+    if unknown.numel():
+        raise ValueError(
+            f"held_out ({where}) names channel {int(unknown[0])}, which is not a coupled group of the "
+            "param group (an id of two rows or more, one of them not a follower)"
+        )

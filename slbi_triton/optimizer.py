@@ -386,6 +386,7 @@ class SLBI(Optimizer):
         self._apply_group_changes()
         if not intact:
             self._sync()
+        self._storage.sync_held_out(self.param_groups)
         return self._storage.active()
 
     def _sync(self) -> None:

@@ -53,6 +53,7 @@ class FlatStorage:
         # Parameter: id(our parameter) -> (our parameter, [(module ref, attribute), ...]).
         self._replaced_in: dict[int, tuple[Tensor, list[tuple[weakref.ref, str]]]] = {}
         self._frozen: Mapping[Tensor, Tensor] = {}
+        self._held: dict[int, Tensor] = {}  # the groups' "held_out" the buckets were given
         # Our post-accumulate-grad hooks: removed when this storage goes (a model outlives
         # its optimizer and must not carry dead hooks).
         self._handles: list[Any] = []
@@ -102,11 +103,22 @@ class FlatStorage:
                 slot.grad_record = record
             stale = [s for s in bucket.slots if not self._bind(bucket, s, old.get(id(s.param)), state)]
             bucket.refresh_group_norms(stale)
+            bucket.hold_out(_held_out(groups))
             kernels.append(choose(bucket))
             buckets.append(bucket)
         self.slots, self.buckets, self.kernels = slots, buckets, kernels
+        self._held = {index: ids.clone() for index, ids in _held_out(groups).items()}
         self._by_id = {id(slot.param): slot for slot in slots}
         self.set_frozen(self._frozen)
+
+    def sync_held_out(self, groups: Groups) -> None:
+        """Give the buckets the groups' ``"held_out"`` (validated) if it changed since."""
+        held = _held_out(groups)
+        if held.keys() == self._held.keys() and all(torch.equal(held[i], self._held[i]) for i in held):
+            return
+        for bucket in self.buckets:
+            bucket.hold_out(held)
+        self._held = {index: ids.clone() for index, ids in held.items()}
 
     def stale_slots(self, groups: Groups) -> list[Slot]:
         """The slots whose penalty their group's penalty, names and ``channel_ids`` no
@@ -369,6 +381,13 @@ class FlatStorage:
                 if on and not slot.momentum_ready and groups[slot.group_index]["momentum"] != 0:
                     slot.momentum_ready = True
                     state[slot.param]["momentum_buffer"] = slot.momentum_view
+
+
+def _held_out(groups: Groups) -> dict[int, Tensor]:
+    """Param group → its ``"held_out"`` channel ids, for the groups that hold some out."""
+    return {
+        index: group["held_out"] for index, group in enumerate(groups) if group.get("held_out") is not None
+    }
 
 
 def bucket_seed(seed: int, number: int) -> int:

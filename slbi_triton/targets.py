@@ -153,8 +153,9 @@ def _coupled_group(optimizer: Any, group: int | None) -> int:
 def prune_to(
     model: nn.Module, optimizer: Any, example_inputs: Any, macs: float, group: int | None = None
 ) -> Any:
-    """Stop the path at a MAC target: remove coupled channel groups, smallest ‖Z_G‖ first
-    (those outside the support go first), until the conv / linear MACs of the model are
+    """Stop the path at a MAC target: remove the held-out coupled channel groups
+    (:func:`hold_out`, :class:`MacTarget`), then the others smallest ‖Z_G‖ first (those
+    outside the support go first), until the conv / linear MACs of the model are
     at most ``macs`` of the dense model's, and return the physically smaller network.
 
     ``model`` and ``optimizer`` are not changed: the removal happens on copies, which are
@@ -188,8 +189,8 @@ def prune_to(
             "param_groups(model, example_inputs) of this model"
         )
     mac_model = MacModel(model_copy, groups, _one_sample(example_inputs))
-    order = torch.argsort(norms.double(), stable=True)
-    removed = mac_model.removal(order, float(macs))
+    held = held_channels(optimizer_copy, index, norms.numel())
+    removed = mac_model.removal(removal_order(norms, held), float(macs)) | held
     zero_channels(optimizer_copy, torch.nonzero(removed).flatten(), index)
     return slim(model_copy, optimizer_copy, example_inputs, remove="pruned")
 
@@ -215,7 +216,9 @@ def _coupled_slots(optimizer: Any, group: int) -> list[tuple[Any, Tensor]]:
 def channel_norms(optimizer: Any, group: int | None = None) -> Tensor:
     """‖Z_G‖ of every coupled channel group of a param group (``docs/design.md``,
     "Coupled groups"), as the last step left them: float32 (float64 for float64
-    parameters) on the CPU, one entry per channel id; 0 for an id no row carries."""
+    parameters) on the CPU, one entry per channel id; 0 for an id no row carries. A
+    held-out group (:func:`hold_out`) reports the norm it would have if it were not held
+    out (its ``Γ`` is zero all the same)."""
     index = _coupled_group(optimizer, group)
     slots = _coupled_slots(optimizer, index)
     count = 1 + max((int(ids.max()) for _, ids in slots if ids.numel()), default=-1)
@@ -223,7 +226,7 @@ def channel_norms(optimizer: Any, group: int | None = None) -> Tensor:
     for slot, ids in slots:
         bucket = optimizer._storage.bucket_of(slot)
         rows = ids >= 0
-        norms[ids[rows]] = bucket.prox_norms_of(slot).cpu().double()[rows]
+        norms[ids[rows]] = bucket.prox_norms_of(slot, unheld=True).cpu().double()[rows]
     return norms
 
 
@@ -242,3 +245,125 @@ def zero_channels(optimizer: Any, channels: Tensor, group: int | None = None) ->
             if tensor is not None:
                 tensor[rows] = 0
         optimizer._storage.bucket_of(slot).refresh_group_norms([slot])
+
+
+def held_channels(optimizer: Any, group: int, count: int) -> Tensor:
+    """Which of ``count`` channel ids the param group ``group`` holds out (bool per id)."""
+    held = torch.zeros(count, dtype=torch.bool)
+    ids = optimizer.param_groups[group].get("held_out")
+    if ids is not None:
+        held[ids[ids < count]] = True
+    return held
+
+
+def removal_order(norms: Tensor, held: Tensor) -> Tensor:
+    """Channel ids in the order they leave: the held-out ones, then smallest ‖Z_G‖ first."""
+    return torch.argsort(torch.where(held, -1.0, norms.double()), stable=True)
+
+
+def hold_out(optimizer: Any, channels: Any, group: int | None = None) -> None:
+    """Hold coupled channel groups out of the support (``docs/design.md``, "Held-out
+    groups"): from the next step on, Γ of their rows is zero whatever ‖Z_G‖, so the
+    coupling pulls their W towards zero by ``α·κ/μ`` of it a step while Z goes on.
+
+    Replaces the set held before (``channels=[]`` releases every group). The set is the
+    param group's ``"held_out"`` key, so ``state_dict()`` keeps it.
+
+    Args:
+        optimizer: an :class:`~slbi_triton.SLBI` built from
+            :func:`~slbi_triton.param_groups` with example inputs.
+        channels: channel ids (of coupled groups of that param group).
+        group: the coupled param group (default: the first with ``"channel_ids"``).
+    """
+    from .channel_ids import check_held_out
+
+    index = _coupled_group(optimizer, group)
+    held = torch.unique(torch.as_tensor(channels, dtype=torch.int64).flatten())
+    entries = optimizer.param_groups[index]
+    check_held_out({**entries, "held_out": held}, f"param group {index}")
+    entries["held_out"] = held
+    optimizer._storage.sync_held_out(optimizer.param_groups)
+
+
+class MacTarget:
+    """Steer the regularisation path to a MAC budget while training.
+
+    Between steps ``start`` and ``end`` the budget falls from 1 to ``macs`` on a cubic
+    ramp; every ``every`` steps, the coupled channel groups with the smallest ‖Z_G‖ are
+    held out of the support (:func:`hold_out`) until the kept channels meet the budget
+    (a held group stays held). Their W then decays by the coupling, so that
+    :func:`prune_to` with the same ``macs`` at the end removes channels that are close
+    to zero already: the slim network keeps the dense one's accuracy.
+
+    Call :meth:`step` after every ``optimizer.step()``; :meth:`state_dict` /
+    :meth:`load_state_dict` keep its step count (the held set is in the optimizer's).
+
+    Args:
+        model: the model being trained.
+        optimizer: its :class:`~slbi_triton.SLBI`, from :func:`~slbi_triton.param_groups`
+            with example inputs.
+        example_inputs: a tensor or tuple, ``model(*inputs)``.
+        macs: the share of the dense model's conv / linear MACs to keep, in (0, 1].
+        start, end: the steps (counted by :meth:`step`) where the ramp starts and ends.
+        every: steps between two updates of the held set (default: 10).
+        group: the coupled param group (default: the first with ``"channel_ids"``).
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: Any, example_inputs: Any, macs: float, start: int, end: int,
+        every: int = 10, group: int | None = None,
+    ) -> None:
+        from .coupling import channel_groups
+
+        if not 0 < float(macs) <= 1:
+            raise ValueError(f"macs must be in (0, 1], got {macs!r}")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+            raise ValueError(f"start and end must be ints with 0 <= start <= end, got {start!r}, {end!r}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.group = _coupled_group(optimizer, group)
+        groups = channel_groups(model, example_inputs)
+        if groups.num_groups != channel_norms(optimizer, self.group).numel():
+            raise ValueError(
+                "the model's channel groups do not match the optimizer's: build the optimizer with "
+                "param_groups(model, example_inputs) of this model"
+            )
+        self.optimizer = optimizer
+        self.macs, self.start, self.end, self.every = float(macs), start, end, every
+        self.mac_model = MacModel(model, groups, _one_sample(example_inputs))
+        self.steps = 0
+
+    def budget(self) -> float:
+        """The share of MACs the ramp allows at the current step."""
+        progress = min(1.0, max(0.0, (self.steps - self.start) / max(1, self.end - self.start)))
+        return 1.0 - (1.0 - self.macs) * (1.0 - (1.0 - progress) ** 3)
+
+    def held(self) -> Tensor:
+        """Which coupled channel groups are held out (bool per channel id)."""
+        return held_channels(self.optimizer, self.group, self.mac_model.out_cut.shape[0])
+
+    def kept_macs(self) -> float:
+        """The share of MACs the channels not held out have."""
+        return self.mac_model.macs(self.held()) / self.mac_model.total
+
+    def step(self) -> None:
+        """Count a step; on an update step, hold out groups until the budget is met."""
+        self.steps += 1
+        on_ramp = self.start <= self.steps <= self.end + self.every
+        if not on_ramp or ((self.steps - self.start) % self.every and self.steps != self.end):
+            return
+        held = self.held()
+        norms = channel_norms(self.optimizer, self.group)
+        removed = self.mac_model.removal(removal_order(norms, held), self.budget()) | held
+        if not torch.equal(removed, held):
+            hold_out(self.optimizer, torch.nonzero(removed).flatten(), self.group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step count and the ramp (the held set is in the optimizer's state dict)."""
+        return dict(steps=self.steps, macs=self.macs, start=self.start, end=self.end, every=self.every)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`."""
+        self.steps, self.start = int(state_dict["steps"]), int(state_dict["start"])
+        self.end, self.every = int(state_dict["end"]), int(state_dict["every"])
+        self.macs = float(state_dict["macs"])

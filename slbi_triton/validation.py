@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .channel_ids import channel_ids_of, check_channel_ids
+from .channel_ids import channel_ids_of, check_channel_ids, check_held_out, held_out_of
 from .penalties import auto_penalty
 
 PENALTIES = ("auto", "l1", "group", "none")
@@ -255,9 +255,11 @@ class GroupChecks:
 
     def __init__(self) -> None:
         self._valid: dict[int, tuple[Any, ...]] = {}
+        self._held: dict[int, tuple[Tensor, tuple[Any, ...]]] = {}  # the held_out last found valid
 
     def check(self, param_groups: Iterable[Mapping[str, Any]]) -> None:
         for index, group in enumerate(param_groups):
+            self._check_held_out(index, group)
             values = tuple(map(group.__getitem__, self.KEYS))
             types = tuple(map(type, values))
             plain = not any(issubclass(kind, Tensor) for kind in types)
@@ -274,3 +276,15 @@ class GroupChecks:
             check_group_penalty(group["penalty"], group["params"], where, coupled=coupled)
             if plain:
                 self._valid[index] = seen
+
+    def _check_held_out(self, index: int, group: Mapping[str, Any]) -> None:
+        """``"held_out"``, checked again when it or the group's channel ids changed."""
+        held = held_out_of(group)
+        layout = (id(group.get("channel_ids")), id(group.get("channel_followers")), id(group["params"]))
+        valid = self._held.get(index)
+        if held is None or (valid is not None and valid[1] == layout and isinstance(held, Tensor)
+                            and held.dtype == valid[0].dtype
+                            and held.device == valid[0].device and torch.equal(held, valid[0])):
+            return
+        check_held_out(group, f"param group {index}")
+        self._held[index] = (held.clone(), layout)

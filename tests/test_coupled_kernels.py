@@ -280,3 +280,56 @@ def test_coupled_norm_is_the_rms_of_its_rows() -> None:
         members = own[torch.tensor(ROW_KEYS) == key]
         rms = float(members.square().mean().sqrt())
         assert float(_coupled_norm(bucket, key)) == pytest.approx(rms, rel=1e-15)
+
+
+def _held_bucket(dtype: torch.dtype, geometry: abi.Geometry, seed: int) -> tuple[Bucket, Bucket]:
+    """The bucket with key 0 held out (s_G = 0, docs/design.md "Held-out groups"), and a
+    copy of it before the step."""
+    bucket = coupled_bucket(dtype, geometry=geometry, seed=seed)
+    bucket.coupled_scale[list(MEMBERS).index(0)] = 0
+    members = functional.member_table(bucket.coupled_offsets, bucket.coupled_rows)
+    functional.coupled_norms_(bucket.group_norms, members, bucket.coupled_scale)
+    return bucket, bucket.clone()
+
+
+def _assert_held_rows_lost_gamma(bucket: Bucket, before: Bucket) -> None:
+    """Every row of key 0 stepped with Γ = 0: Z grew by (α/μ)·W_t exactly in float64."""
+    row_keys = iter(ROW_KEYS)
+    hparams = {0: HPARAMS, 1: SECOND_GROUP}
+    held = 0
+    for span in bucket.spans:
+        if span.penalty != "group":
+            continue
+        scale = hparams[span.group_index]["lr"] / hparams[span.group_index]["mu"]
+        for row in range(span.num_groups):
+            at = slice(span.offset + row * span.group_size, span.offset + (row + 1) * span.group_size)
+            if next(row_keys) == 0:
+                held += 1
+                grown = before.z[at].double() + scale * before.params[at].double()
+                assert torch.allclose(bucket.z[at].double(), grown, rtol=1e-6, atol=1e-7)
+    assert held == 4
+
+
+@pytest.mark.parametrize(
+    "kernel", [pytest.param("c", marks=needs_c), pytest.param("triton", marks=needs_triton)]
+)
+def test_a_held_group_steps_with_no_gamma_in_every_kernel(kernel: str) -> None:
+    geometry = abi.CPU_GEOMETRY if kernel == "c" else abi.TRITON_GEOMETRY
+    bucket, before = _held_bucket(torch.float32, geometry, seed=11)
+    expected = bucket.clone()
+    bucket.run(kernel)
+    expected.run("reference")
+    assert_coupled_step(bucket, expected)
+    assert float(_coupled_norm(bucket, 0)) == 0.0
+    _assert_held_rows_lost_gamma(bucket, before)
+    _assert_held_rows_lost_gamma(expected, before)
+
+
+@needs_c
+def test_a_held_group_in_float64_grows_z_by_w() -> None:
+    bucket, before = _held_bucket(torch.float64, abi.CPU_GEOMETRY, seed=12)
+    expected = bucket.clone()
+    bucket.run("c")
+    expected.run("reference")
+    assert_coupled_step(bucket, expected)
+    _assert_held_rows_lost_gamma(bucket, before)

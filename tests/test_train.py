@@ -11,6 +11,7 @@ import argparse
 import csv
 import gzip
 import math
+import re
 import subprocess
 import sys
 import time
@@ -393,6 +394,8 @@ def test_target_macs_cuts_the_network_to_a_size(tmp_path: Path, synthetic_data: 
     assert train.main([*TINY, "--out", str(out), "--warmup-iters", "2", "--target-macs", "0.6"]) == 0
     printed = capsys.readouterr().out
     assert "channels down to 0.6 × MACs" in printed
+    held = re.search(r"MacTarget: (\d+) channels held out of the support, ([\d.]+) × MACs left", printed)
+    assert held is not None and int(held[1]) > 0 and float(held[2]) <= 0.6
     saved = torch.load(out / "slim.pt", weights_only=True)
     slim = build_model("lenet")
     from slbi_triton.slimming import rebuild

@@ -57,7 +57,17 @@ import torch
 from ..recording import RECORD_FILENAME
 from ..slimming import SlimError, SlimResult, rebuild
 from .data import DATASET_NAMES, DataError, load_dataset, subset
-from .loop import STATE_DTYPES, conv_weight_names, default_path_layer, train_run
+from .loop import (
+    DEFAULT_LAM,
+    DEFAULT_MU,
+    STATE_DTYPES,
+    TARGET_LAM,
+    TARGET_MU,
+    conv_weight_names,
+    default_path_layer,
+    fill_mu_lam,
+    train_run,
+)
 from .models import MODEL_NAMES, build_model
 from .plots import plot_path, plot_sparsity
 from .records import Data, RunError, RunResult
@@ -149,10 +159,13 @@ def _add_hyper(parser: argparse.ArgumentParser) -> None:
     hyper = parser.add_argument_group("optimizer hyper-parameters")
     hyper.add_argument("--kappa", type=float, default=1.0, help="κ (SLBI; default: %(default)s)")
     hyper.add_argument(
-        "--mu", type=float, default=100.0, help="μ, the paper's ν (SLBI; default: %(default)s)"
+        "--mu", type=float, default=None,
+        help=f"μ, the paper's ν (SLBI; default: {DEFAULT_MU:g}, {TARGET_MU:g} with --target-macs)",
     )
     hyper.add_argument(
-        "--lam", type=float, default=1.0, help="λ, the shrinkage threshold (SLBI; default: %(default)s)"
+        "--lam", type=float, default=None,
+        help=f"λ, the shrinkage threshold (SLBI; default: {DEFAULT_LAM:g}, {TARGET_LAM:g} with "
+        "--target-macs)",
     )
     hyper.add_argument("--momentum", type=float, default=0.9, help="default: %(default)s")
     hyper.add_argument("--weight-decay", type=float, default=0.0, help="default: %(default)s")
@@ -235,9 +248,10 @@ def _add_slimming(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SHARE",
         help="train to a size: SLBI with one coupled group per removable channel "
-        "(slbi_triton.param_groups, traced on 16 training images), then cut to this share of the "
-        "dense MACs by the path's order (slbi_triton.prune_to) and slimmed as with --slim, which it "
-        "implies (default: off)",
+        "(slbi_triton.param_groups, traced on 16 training images), channels held out of the support "
+        "by the path's order from 20 %% to 80 %% of the steps until this share of the dense MACs is "
+        "left (slbi_triton.MacTarget), then cut to it (slbi_triton.prune_to) and slimmed as with "
+        "--slim, which it implies (default: off)",
     )
     slimming.add_argument(
         "--slim-epochs",
@@ -334,6 +348,7 @@ def optimizer_kinds(args: argparse.Namespace) -> list[str]:
     """The optimizers to train, in order (``--optimizer``, then SGD after
     ``--compare-sgd``); the options that need SLBI or Torch-Pruning are checked."""
     kinds = [args.optimizer]
+    fill_mu_lam(args)
     if args.target_macs is not None:
         if args.optimizer != "slbi":
             raise RunError("--target-macs stops SLBI's path at a size; use it with --optimizer slbi")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .. import functional
 from ..coupling import layer_weights, param_groups
 from ..optimizer import SLBI
+from ..targets import MacTarget
 from ..toolbox import LayerSparsity
 from .models import build_model
 from .plots import FilterPath
@@ -72,6 +73,21 @@ def classifier_weight(model: nn.Module) -> str | None:
     return next((name for name, _, _ in reversed(layer_weights(model))), None)
 
 
+DEFAULT_MU, DEFAULT_LAM = 100.0, 1.0
+TARGET_MU, TARGET_LAM = 5.0, 0.1
+"""μ and λ with --target-macs: a held channel decays by lr·κ/μ a step, so the coupling
+must be stronger (benchmarks/RESULTS.md, "Half-MAC ResNet-20")."""
+
+
+def fill_mu_lam(args: argparse.Namespace) -> None:
+    """``--mu`` / ``--lam`` not given: their defaults, which depend on ``--target-macs``."""
+    targeted = getattr(args, "target_macs", None) is not None
+    if args.mu is None:
+        args.mu = TARGET_MU if targeted else DEFAULT_MU
+    if args.lam is None:
+        args.lam = TARGET_LAM if targeted else DEFAULT_LAM
+
+
 def build_optimizer(
     kind: str, model: nn.Module, args: argparse.Namespace, example: Tensor | None = None
 ) -> torch.optim.Optimizer:
@@ -84,6 +100,7 @@ def build_optimizer(
                 model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
             )
         coupled = getattr(args, "target_macs", None) is not None
+        fill_mu_lam(args)
         return SLBI(
             param_groups(model, example) if coupled else slbi_param_groups(model, args.fc_penalty),
             lr=args.lr,
@@ -152,6 +169,7 @@ class EpochLoop:
     generator: torch.Generator
     args: argparse.Namespace
     steps_done: int = 0
+    target: MacTarget | None = None  # --target-macs: steps after every optimizer step
 
     def train_epoch(self, data: Data, label: str) -> tuple[float, float]:
         """One pass over the training set with a progress bar; the mean train loss and
@@ -175,6 +193,8 @@ class EpochLoop:
                     slbi.step(record=record, path=args.out if record else None)
                 else:
                     optimizer.step()
+                if self.target is not None:
+                    self.target.step()
                 if self.warmup is not None and self.steps_done <= args.warmup_iters:
                     self.warmup.step()
                 total_loss += loss.detach() * len(y)
@@ -205,6 +225,8 @@ def train_run(
     slbi = optimizer if isinstance(optimizer, SLBI) else None
     warmup, decay = build_schedulers(optimizer, args)
     loop = EpochLoop(model, optimizer, warmup, torch.Generator().manual_seed(args.seed), args)
+    if slbi is not None and getattr(args, "target_macs", None) is not None:
+        loop.target = mac_target(model, slbi, example, args, len(data.train_x))
 
     norms = [filter_norms(params[layer])]  # SGD's path; SLBI's is kept by update_order
     if slbi is not None:
@@ -226,6 +248,9 @@ def train_run(
         write_csv(args.out / "metrics.csv", metrics)
         tqdm.write(epoch_line(row, args.epochs))
 
+    if loop.target is not None:
+        tqdm.write(f"MacTarget: {int(loop.target.held().sum())} channels held out of the support, "
+                   f"{loop.target.kept_macs():.2f} × MACs left")
     if slbi is None:
         path = FilterPath("SGD", list(range(args.epochs + 1)), torch.stack(norms))
         return RunResult(kind, rows, path, time.perf_counter() - started, model, optimizer)
@@ -234,6 +259,15 @@ def train_run(
     prune_rows = prune_sweep(slbi, model, conv_names, layer, data, args.prune_bias)
     seconds = time.perf_counter() - started
     return RunResult(kind, rows, path, seconds, model, optimizer, sparsity, prune_rows)
+
+
+def mac_target(
+    model: nn.Module, slbi: SLBI, example: Tensor, args: argparse.Namespace, samples: int
+) -> MacTarget:
+    """``--target-macs``: the budget ramps down over the middle of training (from 20 % to
+    80 % of the steps: a dense start, and time for the held channels to decay)."""
+    total = args.epochs * math.ceil(samples / args.batch_size)
+    return MacTarget(model, slbi, example, args.target_macs, start=total // 5, end=4 * total // 5)
 
 
 def train_and_test(loop: EpochLoop, kind: str, epoch: int, data: Data) -> dict[str, Any]:

@@ -140,3 +140,30 @@ def test_mac_target_ramps_to_the_budget_and_the_slim_network_keeps_the_outputs()
     steered, plain = cut_difference(model, opt), cut_difference(control, control_opt)
     assert steered < 0.05
     assert plain > 5 * steered
+
+
+@pytest.mark.parametrize("kernel", ["c", "eager"])
+def test_a_compiled_step_sees_the_held_set_change(kernel: str) -> None:
+    """hold_out between compiled steps takes effect in the compiled step (the table is an
+    input of the graph, not a constant), as in the eager one."""
+    from .test_channel_ids import build, grads_of
+
+    torch._dynamo.reset()
+    params, opt = build(kernel)
+    twin_params, twin = build(kernel)
+    compiled = torch.compile(lambda: opt.step(), backend="aot_eager", fullgraph=True)
+    for step in range(4):
+        if step == 1:
+            hold_out(opt, [0, 5])
+            hold_out(twin, [0, 5])
+        if step == 3:
+            hold_out(opt, [2])
+            hold_out(twin, [2])
+        for p, q, g in zip(params, twin_params, grads_of(2 * step), strict=True):
+            p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        compiled()
+        twin.step()
+    for p, q in zip(params, twin_params, strict=True):
+        assert torch.equal(p, q) if kernel == "c" else torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+    assert not bool(opt.gamma("conv.weight")[2].any()) and bool(opt.gamma("conv.weight")[0].any())
+    torch._dynamo.reset()

@@ -1,4 +1,4 @@
-"""The README's "Compiling a training loop", as a script: module-level globals, a whole
+"""The user guide's "Compiling a training loop" (docs/usage.md), as a script: module-level globals, a whole
 training step (forward, backward, ``opt.step()``) compiled with ``fullgraph=True``, and an
 LR scheduler changing ``lr`` every step. It compiles twice (the first step; then the
 momentum buffer holds history) and never again.

@@ -249,7 +249,7 @@ def _add_slimming(parser: argparse.ArgumentParser) -> None:
         metavar="SHARE",
         help="train to a size: SLBI with one coupled group per removable channel "
         "(slbi_triton.param_groups, traced on 16 training images), channels held out of the support "
-        "by the path's order from 20 %% to 80 %% of the steps until this share of the dense MACs is "
+        "by the path's order from 10 %% to 50 %% of the steps until this share of the dense MACs is "
         "left (slbi_triton.MacTarget), then cut to it (slbi_triton.prune_to) and slimmed as with "
         "--slim, which it implies (default: off)",
     )

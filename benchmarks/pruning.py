@@ -136,7 +136,7 @@ class Bench:
         ``--recalibrate`` training batches (no weight changes; on a copy)."""
         model = copy.deepcopy(model)
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
                 module.reset_running_stats()
                 module.momentum = None  # a plain average over the batches
         model.train()

@@ -172,6 +172,15 @@ class CoupledTables(NamedTuple):
     coupled_scale: Tensor
 
 
+def group_keys(keys: Tensor, follows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The distinct ``keys`` (ids ``>= 0``, one per row), each row's index into them, each
+    key's number of members (rows that do not follow) and whether it forms a coupled
+    group: two rows or more, one of them a member."""
+    values, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    members = torch.zeros_like(counts).index_add_(0, inverse, (~follows).to(torch.int64))
+    return values, inverse, members, (counts >= 2) & (members >= 1)
+
+
 def coupled_tables(
     row_keys: Tensor, dtype: torch.dtype, numel: int, follows: Tensor | None = None
 ) -> CoupledTables | None:
@@ -192,9 +201,7 @@ def coupled_tables(
     num_rows = row_keys.numel()
     follows = torch.zeros(num_rows, dtype=torch.bool) if follows is None else follows
     rows = torch.nonzero(row_keys >= 0).flatten()
-    _, inverse, counts = torch.unique(row_keys[rows], return_inverse=True, return_counts=True)
-    members = torch.zeros_like(counts).index_add_(0, inverse, (~follows[rows]).to(torch.int64))
-    shared = (counts >= 2) & (members >= 1)
+    _, inverse, members, shared = group_keys(row_keys[rows], follows[rows])
     if not bool(shared.any()):
         return None
     number = torch.cumsum(shared.to(torch.int64), 0) - 1  # per key: its group, if shared

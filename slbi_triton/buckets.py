@@ -223,18 +223,15 @@ class FlatBucket:
         flat = self.group_norms if per_norm is None else per_norm
         return flat[slot.norm_offset : slot.norm_offset + slot.num_groups]
 
-    def prox_norms_of(self, slot: Slot, own: Tensor | None = None, unheld: bool = False) -> Tensor:
+    def prox_norms_of(self, slot: Slot, own: Tensor | None = None, norms: Tensor | None = None) -> Tensor:
         """The norm each row of ``slot``'s prox uses: its coupled group's ‖Z_G‖ where it
-        has one, else its own ‖Z_r‖ (the stored one, or ``own``'s entry if given); with
-        ``unheld``, a held-out group's norm as if it were not held out."""
+        has one, else its own ‖Z_r‖ (the stored one, or ``own``'s entry if given); read
+        from ``norms`` (laid out as :attr:`group_norms`, e.g. :meth:`unheld_group_norms`)
+        if given."""
         if self.coupling is None:
-            return self.norms_of(slot) if own is None else own
+            return self.norms_of(slot, norms) if own is None else own
         at = self.norms_of(slot, self.coupling.norm_index)
-        norms = self.group_norms
-        if unheld:
-            norms = norms.clone()
-            functional.coupled_norms_(norms, self.coupled_members, self.unheld_scale)
-        prox = norms[at]
+        prox = (self.group_norms if norms is None else norms)[at]
         if own is not None:
             prox = torch.where(at >= self.num_rows, prox, own.to(prox.dtype))
         return prox
@@ -258,6 +255,14 @@ class FlatBucket:
                 z_rows = self.flat_range(self.z, slot).view(slot.num_groups, -1)
                 functional.refresh_group_norms_(z_rows, self.norms_of(slot))
         self.refresh_coupled_norms()
+
+    def unheld_group_norms(self) -> Tensor:
+        """:attr:`group_norms` with every coupled norm as if no group were held out."""
+        if self.coupling is None or torch.equal(self.coupling.coupled_scale, self.unheld_scale):
+            return self.group_norms
+        norms = self.group_norms.clone()
+        functional.coupled_norms_(norms, self.coupled_members, self.unheld_scale)
+        return norms
 
     def hold_out(self, held: Mapping[int, Tensor]) -> None:
         """Hold the coupled groups named in ``held`` (param group → channel ids) out of

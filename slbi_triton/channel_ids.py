@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .kernels import abi
+
 
 def channel_ids_of(group: Mapping[str, Any]) -> list[Tensor | None]:
     """A param group's ``"channel_ids"``, one entry per parameter (``None``: no coupling)."""
@@ -113,10 +115,9 @@ def coupled_channels(channel_ids: Sequence[Tensor | None], followers: Sequence[b
     if not parts:
         return torch.zeros(0, dtype=torch.int64)
     ids = torch.cat([part for part, _ in parts])
-    member = torch.cat([torch.full_like(part, not follows) for part, follows in parts])
-    values, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-    members = torch.zeros_like(counts).index_add_(0, inverse, member)
-    return values[(counts >= 2) & (members >= 1)]
+    following = torch.cat([torch.full_like(part, follows, dtype=torch.bool) for part, follows in parts])
+    values, _, _, shared = abi.group_keys(ids, following)
+    return values[shared]
 
 
 def check_held_out(group: Mapping[str, Any], where: str) -> None:

@@ -84,6 +84,7 @@ class FlatStorage:
                 slot = Slot(param, name, len(slots), group_index, penalty, channel_ids=ids, follows=follows)
                 slots.append(slot)
         momentum_groups = {i for i, group in enumerate(groups) if group["momentum"] != 0}
+        held = _held_out(groups)
         by_bucket: dict[tuple[torch.device, torch.dtype], list[Slot]] = {}
         for slot in slots:
             by_bucket.setdefault((slot.param.device, slot.param.dtype), []).append(slot)
@@ -103,11 +104,11 @@ class FlatStorage:
                 slot.grad_record = record
             stale = [s for s in bucket.slots if not self._bind(bucket, s, old.get(id(s.param)), state)]
             bucket.refresh_group_norms(stale)
-            bucket.hold_out(_held_out(groups))
+            bucket.hold_out(held)
             kernels.append(choose(bucket))
             buckets.append(bucket)
         self.slots, self.buckets, self.kernels = slots, buckets, kernels
-        self._held = {index: ids.clone() for index, ids in _held_out(groups).items()}
+        self._held = {index: ids.clone() for index, ids in held.items()}
         self._by_id = {id(slot.param): slot for slot in slots}
         self.set_frozen(self._frozen)
 

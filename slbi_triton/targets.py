@@ -223,10 +223,13 @@ def channel_norms(optimizer: Any, group: int | None = None) -> Tensor:
     slots = _coupled_slots(optimizer, index)
     count = 1 + max((int(ids.max()) for _, ids in slots if ids.numel()), default=-1)
     norms = torch.zeros(count, dtype=torch.float64)
+    unheld: dict[int, Tensor] = {}  # per bucket, its norms as if nothing were held out
     for slot, ids in slots:
         bucket = optimizer._storage.bucket_of(slot)
+        if id(bucket) not in unheld:
+            unheld[id(bucket)] = bucket.unheld_group_norms()
         rows = ids >= 0
-        norms[ids[rows]] = bucket.prox_norms_of(slot, unheld=True).cpu().double()[rows]
+        norms[ids[rows]] = bucket.prox_norms_of(slot, norms=unheld[id(bucket)]).cpu().double()[rows]
     return norms
 
 

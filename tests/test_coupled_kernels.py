@@ -87,6 +87,17 @@ def test_tables_follow_the_keys() -> None:
 
 
 C_BUILDS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float32, torch.bfloat16)]
+def steps_match_reference(bucket: Bucket, kernel: str, steps: int) -> Bucket:
+    """Step ``bucket`` with ``kernel`` and a clone with the torch reference ``steps``
+    times, comparing after each step (:func:`assert_coupled_step`); the reference bucket."""
+    expected = bucket.clone()
+    for _ in range(steps):
+        bucket.run(kernel)
+        expected.run("reference")
+        assert_coupled_step(bucket, expected)
+    return expected
+
+
 C_IDS = ["fp32", "fp64", "fp32-bf16-state"]
 
 
@@ -94,12 +105,7 @@ C_IDS = ["fp32", "fp64", "fp32-bf16-state"]
 @pytest.mark.parametrize("ready", [True, False], ids=["momentum-ready", "first-step"])
 @pytest.mark.parametrize(("dtype", "state_dtype"), C_BUILDS, ids=C_IDS)
 def test_c_kernel_matches_reference(dtype: torch.dtype, state_dtype: torch.dtype, ready: bool) -> None:
-    bucket = coupled_bucket(dtype, state_dtype, ready=ready)
-    expected = bucket.clone()
-    for _ in range(3):
-        bucket.run("c")
-        expected.run("reference")
-        assert_coupled_step(bucket, expected)
+    steps_match_reference(coupled_bucket(dtype, state_dtype, ready=ready), "c", steps=3)
 
 
 @needs_c
@@ -243,11 +249,7 @@ TRITON_KINDS = [
 def test_triton_kernel_matches_reference(dtype: torch.dtype, state_dtype: torch.dtype) -> None:
     bucket = coupled_bucket(dtype, state_dtype, abi.TRITON_GEOMETRY, seed=6)
     bucket.slot_flags[2] = 0  # an inactive member
-    expected = bucket.clone()
-    for _ in range(2):
-        bucket.run("triton")
-        expected.run("reference")
-        assert_coupled_step(bucket, expected)
+    steps_match_reference(bucket, "triton", steps=2)
 
 
 @needs_triton
@@ -316,10 +318,7 @@ def _assert_held_rows_lost_gamma(bucket: Bucket, before: Bucket) -> None:
 def test_a_held_group_steps_with_no_gamma_in_every_kernel(kernel: str) -> None:
     geometry = abi.CPU_GEOMETRY if kernel == "c" else abi.TRITON_GEOMETRY
     bucket, before = _held_bucket(torch.float32, geometry, seed=11)
-    expected = bucket.clone()
-    bucket.run(kernel)
-    expected.run("reference")
-    assert_coupled_step(bucket, expected)
+    expected = steps_match_reference(bucket, kernel, steps=1)
     assert float(_coupled_norm(bucket, 0)) == 0.0
     _assert_held_rows_lost_gamma(bucket, before)
     _assert_held_rows_lost_gamma(expected, before)
@@ -328,8 +327,5 @@ def test_a_held_group_steps_with_no_gamma_in_every_kernel(kernel: str) -> None:
 @needs_c
 def test_a_held_group_in_float64_grows_z_by_w() -> None:
     bucket, before = _held_bucket(torch.float64, abi.CPU_GEOMETRY, seed=12)
-    expected = bucket.clone()
-    bucket.run("c")
-    expected.run("reference")
-    assert_coupled_step(bucket, expected)
+    steps_match_reference(bucket, "c", steps=1)
     _assert_held_rows_lost_gamma(bucket, before)

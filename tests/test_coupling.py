@@ -131,15 +131,21 @@ def test_mac_model_prices_removals_like_torch_pruning(fraction: float) -> None:
     assert measured == pytest.approx(macs.macs(removed), rel=1e-9)
 
 
-def test_followers_read_the_group_norm_without_counting_in_it() -> None:
+def trained_resnet(batch: int, steps: int) -> tuple[ResNet20, SLBI, torch.Tensor, torch.Tensor]:
+    """A ResNet-20 with coupled groups after ``steps`` SLBI steps on one random batch."""
     torch.manual_seed(0)
     model = ResNet20()
-    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     opt = SLBI(param_groups(model, x, lam=0.002), lr=0.1, mu=100)
-    for _ in range(3):
+    for _ in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+    return model, opt, x, y
+
+
+def test_followers_read_the_group_norm_without_counting_in_it() -> None:
+    model, opt, _, _ = trained_resnet(batch=8, steps=3)
     group = opt.param_groups[0]
     ids = dict(zip([id(p) for p in group["params"]], group["channel_ids"], strict=True))
     # bn1's γ and β (members) against conv1's filters (followers) of the same channels.
@@ -171,14 +177,7 @@ def test_a_follower_without_ids_is_refused_before_anything_changes() -> None:
 
 @pytest.mark.parametrize("macs", [0.5, 0.8])
 def test_prune_to_slims_to_the_target_and_leaves_the_inputs_alone(macs: float) -> None:
-    torch.manual_seed(0)
-    model = ResNet20()
-    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    opt = SLBI(param_groups(model, x, lam=0.002), lr=0.1, mu=100)
-    for _ in range(2):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, opt, x, y = trained_resnet(batch=16, steps=2)
     before = copy.deepcopy(model.state_dict())
     norms = channel_norms(opt)
     result = prune_to(model, opt, x, macs=macs)

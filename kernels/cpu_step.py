@@ -40,6 +40,8 @@ from . import abi, cpu_tune
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("slbi_step_cpu.c")
+HEADERS = (Path(__file__).with_name("slbi_step_cpu_avx2.h"),)
+"""The files SOURCE includes: part of the source a build is keyed by."""
 SCALARS = {torch.float32: "float", torch.float64: "double"}
 """Bucket dtypes the kernel is built for, with their C type."""
 STATE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16), torch.float64: (torch.float64,)}
@@ -97,6 +99,11 @@ def _machine_key() -> str:
     return "\n".join([platform.machine(), cpu_tune.cpu_model(), " ".join(sorted(cpu_tune.cpu_flags()))])
 
 
+def source_bytes() -> bytes:
+    """The kernel's source with the headers it includes, as builds are keyed by."""
+    return b"\0".join(path.read_bytes() for path in (SOURCE, *HEADERS))
+
+
 def _build_name(dtype: torch.dtype, state_dtype: torch.dtype) -> str:
     return f"{SCALARS[dtype]}_bf16" if state_dtype == torch.bfloat16 else SCALARS[dtype]
 
@@ -135,7 +142,7 @@ def _build_with(
     compiler: list[str], scalar: str, state_bf16: bool, cache_dir: Path, variant: cpu_tune.Variant
 ) -> Path | None:
     version = _compiler_version(compiler)
-    source = SOURCE.read_bytes()
+    source = source_bytes()
     # With OpenMP first; a compiler without it still builds the kernel, single-threaded.
     candidates = []
     for parallel in (["-fopenmp"], []):
@@ -235,8 +242,9 @@ def _chosen(dtype: torch.dtype, state_dtype: torch.dtype) -> str | None:
 
 def _tune(dtype: torch.dtype, state_dtype: torch.dtype, compiler: list[str], cache_dir: Path) -> str | None:
     """The cached choice for this build, else the fastest of :func:`.cpu_tune.candidates`
-    on :func:`.cpu_tune.scratch_bucket` (each built first), kept in the cache folder."""
-    parts = [SOURCE.read_text(), " ".join(_OPTIMISE), _compiler_version(compiler), _machine_key()]
+    on :func:`.cpu_tune.scratch_bucket` (each built first; :data:`.cpu_tune.DEFAULT` unless
+    another beats it by :data:`.cpu_tune.MARGIN`), kept in the cache folder."""
+    parts = [source_bytes().decode(), " ".join(_OPTIMISE), _compiler_version(compiler), _machine_key()]
     record = cpu_tune.choice_path(cache_dir, _build_name(dtype, state_dtype), parts)
     kept = cpu_tune.read_choice(record)
     if kept is not None:
@@ -255,7 +263,9 @@ def _tune(dtype: torch.dtype, state_dtype: torch.dtype, compiler: list[str], cac
         with using_variant(name):
             launch(args, num_threads=1)
 
-    best, scores = cpu_tune.fastest({name: functools.partial(step, name) for name in names})
+    preferred = cpu_tune.DEFAULT.name if cpu_tune.DEFAULT.name in names else None
+    steps = {name: functools.partial(step, name) for name in names}
+    best, scores = cpu_tune.fastest(steps, preferred=preferred)
     cpu_tune.write_choice(record, cpu_tune.parse(best), scores)
     logger.info("SLBI: the C kernel's variant for %s with %s state on %s: %s (tuned in %.2fs, kept in %s)",
                 dtype, state_dtype, cpu_tune.cpu_model(), best, time.perf_counter() - start, record)

@@ -5,14 +5,17 @@ on the model: the software prefetch (off, or on so many bytes ahead in tiles of 
 bytes) and the vector width (256 or 512 bits, where the CPU has AVX-512). Every variant
 writes the same W, Z and v bits (``tests/test_c_kernel.py``); only the speed differs. A
 variant is named ``"{vector}-{prefetch}"``: ``vector`` is ``v256`` or ``v512``
-(``-mprefer-vector-width``, x86-64 only) or ``vdef`` (the compiler's default), ``prefetch``
+(``-mprefer-vector-width``, x86-64 only; ``v256`` also runs the bfloat16-state loop
+written by hand with AVX2 intrinsics, ``slbi_step_cpu_avx2.h``) or ``vdef`` (the compiler's
+default width and its own vectorisation of every loop), ``prefetch``
 is ``nopf`` or ``pf{ahead}-t{tile}`` (bytes of W), e.g. ``"v256-nopf"``,
 ``"v512-pf4096-t512"``.
 
 The first time a build (bucket dtype, state dtype) is needed on a machine, every
 :func:`candidates` variant is compiled and timed on a scratch bucket (:func:`scratch_bucket`,
 larger than the last-level cache of current CPUs, as the buffers of a ResNet are) in
-interleaved rounds, one thread (:func:`fastest`); the fastest is kept in a JSON file
+interleaved rounds, one thread (:func:`fastest`); the fastest (:data:`DEFAULT` unless another
+beats it by :data:`MARGIN`) is kept in a JSON file
 beside the compiled kernels, keyed by the CPU model and flags, the compiler, the source and
 the candidates (:func:`choice_path`), so later processes read it. ``kernels/cpu_step.py``
 runs this; ``SLBI.kernels()`` reports the variant in use.
@@ -50,8 +53,13 @@ RELEVANT_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl
 """The CPU flags that decide which code the compiler emits for the kernel (benchmarks print them)."""
 PREFETCHES = ((0, 0), (1024, 256), (4096, 512), (16384, 1024))
 """The (ahead, tile) bytes the autotune tries; (0, 0): no software prefetch."""
-ROUNDS = 9
+ROUNDS = 15
 """Timed rounds of the autotune (after one warm-up round)."""
+MARGIN = 0.05
+"""How much faster than :data:`DEFAULT` (a fraction of its score) another variant must be on
+the scratch bucket to be chosen: on a shared machine two variants within a few percent swap
+places from run to run (scores of 0.93 and 1.01 for one pair, the other way round in another
+run), and one that wins the scratch bucket by noise can lose a ResNet step by 10 %."""
 
 _NAME = re.compile(r"^(v256|v512|vdef)-(?:(nopf)|pf(\d+)-t(\d+))$")
 _X86 = ("x86_64", "amd64", "i686", "i386")
@@ -80,7 +88,8 @@ class Variant:
     def flags(self) -> list[str]:
         """The compiler flags that make this variant."""
         width = [f"-mprefer-vector-width={self.vector}"] if self.vector else []
-        return [*width, f"-DSLBI_PREFETCH_BYTES={self.ahead}", f"-DSLBI_TILE_BYTES={self.tile or 512}"]
+        hand = [f"-DSLBI_HAND_AVX2={int(self.vector == 256)}"]
+        return [*width, *hand, f"-DSLBI_PREFETCH_BYTES={self.ahead}", f"-DSLBI_TILE_BYTES={self.tile or 512}"]
 
 
 DEFAULT = Variant(256, 0, 0) if platform.machine().lower() in _X86 else Variant(0, 0, 0)
@@ -189,6 +198,7 @@ def choice_path(cache_dir: Path, build: str, parts: Sequence[str]) -> Path:
     a hash of ``parts`` (source, flags, compiler, CPU; see ``cpu_step``), of the candidates
     and of the timing protocol, so a change of any of them tunes again."""
     protocol = [*parts, *(v.name for v in candidates()), f"rounds={ROUNDS}, ratio to the round's median",
+                f"margin={MARGIN} for {DEFAULT.name}",
                 f"scratch={SCRATCH_ROWS}"]
     key = hashlib.sha256("\0".join(protocol).encode()).hexdigest()[:24]
     return cache_dir / f"slbi_step_cpu_{build}_{key}.tune.json"
@@ -261,14 +271,18 @@ def _scratch_spans(rows: int) -> list[abi.Span]:
     return [group, l1, abi.Span(l1.offset + l1.numel, 4096, "none", 0, 0)]
 
 
-def fastest(steps: Mapping[str, Callable[[], object]], rounds: int = ROUNDS) -> tuple[str, dict[str, float]]:
+def fastest(
+    steps: Mapping[str, Callable[[], object]], rounds: int = ROUNDS, preferred: str | None = None
+) -> tuple[str, dict[str, float]]:
     """The name of the fastest step, and every step's score: the median over ``rounds``
     timed rounds (after one warm-up round) of its time divided by the median time of
     that round. Each round calls every step once, in an order rotated by one per round.
     On a busy machine, load from other processes comes and goes over tens of
     milliseconds: the steps of one round see about the same load, and a ratio within a
     round cancels it where the median or the minimum of raw times (each of a few ms)
-    picked the wrong variant in one run out of four. Ties go to the earlier name."""
+    picked the wrong variant in one run out of four. Ties go to the earlier name;
+    ``preferred`` (a name of ``steps``) stays the choice unless another scores more than
+    :data:`MARGIN` below it."""
     names = list(steps)
     ratios: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds + 1):
@@ -283,4 +297,7 @@ def fastest(steps: Mapping[str, Callable[[], object]], rounds: int = ROUNDS) -> 
             for name in names:
                 ratios[name].append(times[name] / typical)
     scores = {name: statistics.median(values) for name, values in ratios.items()}
-    return min(names, key=lambda name: (scores[name], names.index(name))), scores
+    best = min(names, key=lambda name: (scores[name], names.index(name)))
+    if preferred is not None and scores[best] >= scores[preferred] * (1 - MARGIN):
+        best = preferred
+    return best, scores

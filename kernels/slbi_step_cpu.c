@@ -30,7 +30,9 @@
  * argument, cpu_step.PREFETCH_MIN_NUMEL: smaller ones stay in the caches), a build with
  * SLBI_PREFETCH_BYTES > 0 walks each span in tiles of SLBI_TILE_BYTES bytes of W and,
  * before a tile, prefetches the lines of W, g, Z and v SLBI_PREFETCH_BYTES bytes of W
- * further on; the vector width is a compiler flag (-mprefer-vector-width). What wins
+ * further on; the vector width is a compiler flag (-mprefer-vector-width); and a build with
+ * SLBI_HAND_AVX2 (the v256 variants) runs the bfloat16-state loop written by hand with AVX2
+ * intrinsics (slbi_step_cpu_avx2.h), where the compiler's loop was issue-bound. What wins
  * depends on the CPU: on one Intel Xeon the bfloat16-state step was 10-14 % faster with
  * 4 KiB prefetched ahead in 512-byte tiles, on AMD EPYC (Zen 3, Zen 4) 5-50 % slower.
  * The tiles change the order of a group norm's sum, nothing else.
@@ -41,6 +43,7 @@
  *   SLBI_STATE_BF16  1: Z and v are stored as bfloat16 (uint16_t bits) and written back
  *                    with stochastic rounding ("Stochastic rounding" in docs/design.md),
  *                    the random bits a hash of (seed, step, element index).
+ *   SLBI_HAND_AVX2   1: the bfloat16-state loop of slbi_step_cpu_avx2.h, where the CPU has AVX2.
  *   SLBI_PREFETCH_BYTES, SLBI_TILE_BYTES  the prefetch distance (0: no software prefetch)
  *                    and the tile, in bytes of W (defaults 4096 and 512).
  * Built with -fno-trapping-math: without it GCC leaves the group-penalty loop of the
@@ -176,8 +179,8 @@ static inline __attribute__((always_inline)) scalar_t update_block(
         if (penalty == PENALTY_GROUP) {
             gamma = c.kappa * z_t * shrink;
         } else {
-            scalar_t excess = fabs(z_t) - c.lam;
-            gamma = c.kappa * copysign(excess > 0 ? excess : (scalar_t)0, z_t);
+            scalar_t excess = fabs(z_t) - c.lam; /* NaN when Z is: gamma too, as in the reference */
+            gamma = c.kappa * copysign(excess <= 0 ? (scalar_t)0 : excess, z_t);
         }
         scalar_t residual = w_t - gamma; /* W_t - Gamma_t */
         w[i] = w_t - c.lr_kappa * (velocity + residual * c.inv_mu);
@@ -186,6 +189,13 @@ static inline __attribute__((always_inline)) scalar_t update_block(
     }
     return sq_sum;
 }
+
+#if SLBI_STATE_BF16 && SLBI_HAND_AVX2 && defined(__AVX2__)
+#define HAND_AVX2 1
+#include "slbi_step_cpu_avx2.h" /* update_block_avx2: update_block's first n - n % 16 elements */
+#else
+#define HAND_AVX2 0
+#endif
 
 /* Prefetch the cache lines of `bytes` bytes from `offset` bytes past `base`. The address is
  * computed as an integer: it may lie past the buffer's end, where a prefetch is a no-op. */
@@ -221,8 +231,15 @@ static inline __attribute__((always_inline)) scalar_t update_span(
             if (v_mode == V_HISTORY)
                 prefetch_lines(v, ahead * (int64_t)sizeof *v, len * (int64_t)sizeof *v, 1);
         }
-        sq_sum += update_block(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, key,
-                               (uint32_t)(first + at), len, penalty, v_mode, c, shrink);
+        int32_t done = 0;
+#if HAND_AVX2
+        done = len - len % HAND_LANES;
+        sq_sum += update_block_avx2(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, key,
+                                    (uint32_t)(first + at), done, penalty, v_mode, c, shrink);
+#endif
+        const int64_t from = at + done;
+        sq_sum += update_block(w + from, g + from, z + from, v_mode == V_NONE ? 0 : v + from, key,
+                               (uint32_t)(first + from), len - done, penalty, v_mode, c, shrink);
     }
     return sq_sum;
 }

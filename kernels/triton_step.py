@@ -149,7 +149,9 @@ def _update_tile(
         residual = w - kappa * z * group_scale
         w_new = w - lr_kappa * (v_new + residual * inv_mu)
     else:
-        residual = w - kappa * (tl.where(z >= 0.0, 1.0, -1.0) * tl.maximum(tl.abs(z) - lam, 0.0))
+        # propagate_nan: a NaN Z gives a NaN Gamma, as the torch reference's clamp does
+        excess = tl.maximum(tl.abs(z) - lam, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        residual = w - kappa * (tl.where(z >= 0.0, 1.0, -1.0) * excess)
         w_pen = w - lr_kappa * (v_new + residual * inv_mu)
         w_new = tl.where(penalised, w_pen, w - lr_kappa * v_new)
     z_next = z + lr_over_mu * residual

@@ -183,6 +183,31 @@ class _BucketMethods:
 
 _OUTPUTS = ("params", "z", "momentum", "group_norms", "rng")
 
+SPECIAL_VALUES = (float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -3e38, 3.3e38)
+"""NaN, ±inf, ±0, a subnormal and floats near the largest: planted by plant_special_values."""
+
+
+def plant_special_values(
+    bucket: Bucket, specials: Sequence[float] = SPECIAL_VALUES, count: int = 200, seed: int = 5
+) -> None:
+    """Put ``count`` of ``specials`` at random places of each tensor's elements (not the
+    padding) in each of W, g, Z and v."""
+    generator = torch.Generator().manual_seed(seed)
+    inside = torch.cat([torch.arange(span.offset, span.offset + span.numel) for span in bucket.spans])
+    values = torch.tensor(specials)[torch.arange(count) % len(specials)]
+    for buffer in (bucket.params, bucket.grads, bucket.z, bucket.momentum):
+        buffer[inside[torch.randperm(inside.numel(), generator=generator)[:count]]] = values.to(buffer.dtype)
+
+
+def assert_equal_with_nans(bucket: Bucket, expected: Bucket) -> None:
+    """W, Z and v equal, NaN where ``expected`` has NaN (the reference's NaN bits are torch's
+    float -> bfloat16 copy's, 0xFFFF); every NaN a kernel stores in bfloat16 is 0x7FC0."""
+    for got, want in ((bucket.params, expected.params), (bucket.z, expected.z),
+                      (bucket.momentum, expected.momentum)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        if got.dtype == torch.bfloat16:
+            assert (got[got.isnan()].view(torch.int16) == 0x7FC0).all()
+
 
 def assert_same_outputs(a: Bucket, b: Bucket, skip: Sequence[str] = (), inputs: bool = False) -> None:
     """``a`` and ``b`` hold equal outputs (``Bucket.outputs``; with ``inputs``, every tensor

@@ -15,7 +15,14 @@ from torch import nn
 
 from slbi_triton import SLBI
 
-from .helpers import HPARAMS, Bucket, assert_same_outputs, random_bucket
+from .helpers import (
+    HPARAMS,
+    Bucket,
+    assert_equal_with_nans,
+    assert_same_outputs,
+    plant_special_values,
+    random_bucket,
+)
 from .reference import RefParam, rel_err
 
 pytestmark = pytest.mark.skipif(
@@ -59,9 +66,11 @@ def assert_reference_step(bucket: Bucket, expected: Bucket) -> None:
 
 
 def variants() -> list[str]:
-    """The variants the autotune picks from on this CPU, the default, and one with tiles of
-    one cache line (a group row then spans many tiles, each with its own partial sum)."""
-    names = [v.name for v in cpu_tune.candidates()] + [cpu_tune.DEFAULT.name]
+    """The variants the autotune picks from on this CPU, the default, one with tiles of one
+    cache line (a group row then spans many tiles, each with its own partial sum), and the
+    compiler's own vectorisation ("vdef": on x86-64 the others run the bfloat16-state loop
+    written with AVX2 intrinsics)."""
+    names = [v.name for v in cpu_tune.candidates()] + [cpu_tune.DEFAULT.name, "vdef-nopf"]
     return [*sorted(set(names)), f"{cpu_tune.DEFAULT.name.split('-')[0]}-pf256-t64"]
 
 
@@ -80,6 +89,21 @@ def test_every_variant_matches_torch_reference(
         for _ in range(3):
             bucket.run("c")
             assert_reference_step(bucket, expected)
+
+
+@pytest.mark.parametrize("variant", variants())
+def test_special_values_in_bfloat16_state_match_torch_reference(variant: str) -> None:
+    """NaN, ±inf, ±0, subnormals and the largest floats in W, g, Z and v, in the 16-element
+    turns of the AVX2 loop and in its tails: the reference's values, NaN included."""
+    bucket = random_bucket(SHAPES, PENALTIES, torch.float32, torch.bfloat16, seed=4)
+    plant_special_values(bucket)
+    expected = bucket.clone()
+    with cpu_step.using_variant(variant):
+        for _ in range(2):
+            bucket.run("c")
+            expected.run("reference")
+            assert_equal_with_nans(bucket, expected)
+            expected.group_norms.copy_(bucket.group_norms)
 
 
 # Past 2**20 elements, the threshold from which a variant prefetches: rows shorter than a

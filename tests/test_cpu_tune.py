@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 
 import pytest
 import torch
@@ -31,9 +32,9 @@ def unchosen(monkeypatch):
     timed = []
     fastest = cpu_tune.fastest
 
-    def spy(steps, *args):
+    def spy(steps, *args, **kwargs):
         timed.append(sorted(steps))
-        return fastest(steps, *args)
+        return fastest(steps, *args, **kwargs)
 
     monkeypatch.setattr(cpu_tune, "fastest", spy)
     cpu_step._forget()
@@ -130,6 +131,20 @@ def test_autotune_runs_once_and_is_kept(fresh, monkeypatch) -> None:
     record.write_text("{")
     cpu_step._forget()
     assert cpu_step.variant(torch.float32) in timed[0] and len(timed) == 2
+
+
+def _sleeper(seconds: float):
+    return lambda: time.sleep(seconds)
+
+
+def test_autotune_keeps_the_preferred_variant_unless_another_clearly_wins() -> None:
+    """Within cpu_tune.MARGIN of the preferred variant, a faster one is noise, not a choice;
+    well below it, it wins."""
+    close = {"default": _sleeper(0.004), "close": _sleeper(0.004 * (1 - cpu_tune.MARGIN / 3))}
+    assert cpu_tune.fastest(close, rounds=5, preferred="default")[0] == "default"
+    clear = {"default": _sleeper(0.004), "clear": _sleeper(0.001)}
+    chosen, scores = cpu_tune.fastest(clear, rounds=5, preferred="default")
+    assert chosen == "clear" and scores["clear"] < scores["default"] * (1 - cpu_tune.MARGIN)
 
 
 def test_choice_is_keyed_by_cpu_compiler_and_source(tmp_path) -> None:

@@ -40,8 +40,8 @@ from . import abi, cpu_tune
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("slbi_step_cpu.c")
-HEADERS = (Path(__file__).with_name("slbi_step_cpu_avx2.h"),)
-"""The files SOURCE includes: part of the source a build is keyed by."""
+HEADERS = ("slbi_step_cpu_avx2.h",)
+"""The files SOURCE includes (beside it): part of the source a build is keyed by."""
 SCALARS = {torch.float32: "float", torch.float64: "double"}
 """Bucket dtypes the kernel is built for, with their C type."""
 STATE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16), torch.float64: (torch.float64,)}
@@ -100,8 +100,9 @@ def _machine_key() -> str:
 
 
 def source_bytes() -> bytes:
-    """The kernel's source with the headers it includes, as builds are keyed by."""
-    return b"\0".join(path.read_bytes() for path in (SOURCE, *HEADERS))
+    """The kernel's source with the headers it includes (read beside it, where the compiler
+    finds them), as builds are keyed by."""
+    return b"\0".join(path.read_bytes() for path in (SOURCE, *(SOURCE.with_name(name) for name in HEADERS)))
 
 
 def _build_name(dtype: torch.dtype, state_dtype: torch.dtype) -> str:

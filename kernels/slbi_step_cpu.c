@@ -234,8 +234,12 @@ static inline __attribute__((always_inline)) scalar_t update_span(
         int32_t done = 0;
 #if HAND_AVX2
         done = len - len % HAND_LANES;
-        sq_sum += update_block_avx2(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, key,
-                                    (uint32_t)(first + at), done, penalty, v_mode, c, shrink);
+        if (c.scale == 1 && c.one_minus_d == 1 && c.kappa == 1) /* the defaults: x * 1 is x */
+            sq_sum += update_block_avx2(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, key,
+                                        (uint32_t)(first + at), done, penalty, v_mode, 1, c, shrink);
+        else
+            sq_sum += update_block_avx2(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, key,
+                                        (uint32_t)(first + at), done, penalty, v_mode, 0, c, shrink);
 #endif
         const int64_t from = at + done;
         sq_sum += update_block(w + from, g + from, z + from, v_mode == V_NONE ? 0 : v + from, key,

@@ -4,17 +4,19 @@
  *
  * The same arithmetic as update_block, operation for operation (W, Z and v are the same
  * bits; a test checks every variant against the torch reference), on 16 elements a turn.
- * Why by hand: the compiler's loop for this build was issue-bound, not memory-bound
- * (measured on AMD EPYC Zen 3: with the hash and the NaN test removed it ran 25 % faster
- * on data in L2), and it spent 7 instructions per 16 elements and per state on the NaN
- * test (a compare, masks packed to 16 bits, a byte blend), 4 on masks before packing,
- * and a multiply per vector on the hash's index. Here:
+ * Why by hand: the compiler's loop for this build was issue-bound, not memory-bound (AMD
+ * EPYC Zen 3, ResNet-50's bucket: 1.39-1.44 x fused SGD; this loop 1.01-1.15 x), and it
+ * spent 7 instructions per 16 elements and per state on the NaN test (a compare, masks
+ * packed to 16 bits, a byte blend), 2 on masks before packing, and a multiply per vector
+ * on the hash's index. Here (docs/design.md, "Where the bfloat16-state step's time goes"):
  *   - lanes "a" hold elements 0-3 and 8-11 of the 16, lanes "b" 4-7 and 12-15: the order in
  *     which unpacking 16 bfloat16 with zeros widens them to float32 (no shift), and in
  *     which packing two rounded vectors stores them (no lane permute);
  *   - the NaN test is one compare and one blend on the 32-bit sum;
  *   - the hash's (index * 0x9E3779B1) advances by 16 * 0x9E3779B1 a turn (the same
- *     product mod 2**32), so the hash costs two multiplies instead of three.
+ *     product mod 2**32), so the hash costs two multiplies instead of three;
+ *   - where the gradient scale, 1 - dampening and kappa are 1.0 (the defaults without a
+ *     GradScaler) their products are skipped: x * 1.0 is x.
  * The tail of a span (fewer than 16 elements) is update_block's.
  */
 #include <immintrin.h>
@@ -62,16 +64,22 @@ typedef struct {
     __m256 z_stored;         /* Z_{t+1} as stored (bfloat16, widened) */
 } lanes_out;
 
-/* update_block's body on 8 lanes. */
+/* x * factor; with unit (factor known to be 1.0) x itself: the same value, NaN included. */
+static inline __m256 times(__m256 x, float factor, const int unit)
+{
+    return unit ? x : _mm256_mul_ps(x, _mm256_set1_ps(factor));
+}
+
+/* update_block's body on 8 lanes; `unit`: the gradient scale, 1 - dampening and kappa are
+ * 1.0 (the defaults without a GradScaler), so their products are skipped. */
 static inline __attribute__((always_inline)) lanes_out update_lanes(
     __m256 w_t, __m256 g, __m256 v_t, __m256 z_t, __m256i h, const int penalty, const int v_mode,
-    const coefficients c, float shrink)
+    const int unit, const coefficients c, float shrink)
 {
     lanes_out out = {0};
-    const __m256 u = _mm256_add_ps(_mm256_mul_ps(g, _mm256_set1_ps(c.scale)),
-                                   _mm256_mul_ps(_mm256_set1_ps(c.wd), w_t));
+    const __m256 u = _mm256_add_ps(times(g, c.scale, unit), _mm256_mul_ps(_mm256_set1_ps(c.wd), w_t));
     const __m256 velocity = v_mode == V_HISTORY
-        ? _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(c.rho), v_t), _mm256_mul_ps(_mm256_set1_ps(c.one_minus_d), u))
+        ? _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(c.rho), v_t), times(u, c.one_minus_d, unit))
         : u;
     if (v_mode != V_NONE)
         out.v_sum = rounding_sum(velocity, _mm256_srli_epi32(h, 16));
@@ -81,12 +89,12 @@ static inline __attribute__((always_inline)) lanes_out update_lanes(
     }
     __m256 gamma;
     if (penalty == PENALTY_GROUP) {
-        gamma = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(c.kappa), z_t), _mm256_set1_ps(shrink));
+        gamma = _mm256_mul_ps(times(z_t, c.kappa, unit), _mm256_set1_ps(shrink));
     } else { /* kappa * copysign(excess <= 0 ? 0 : excess, z): a NaN excess stays NaN */
         const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
         const __m256 excess = _mm256_sub_ps(_mm256_andnot_ps(sign, z_t), _mm256_set1_ps(c.lam));
         const __m256 kept = _mm256_and_ps(excess, _mm256_cmp_ps(excess, _mm256_setzero_ps(), _CMP_NLE_UQ));
-        gamma = _mm256_mul_ps(_mm256_set1_ps(c.kappa), _mm256_or_ps(kept, _mm256_and_ps(sign, z_t)));
+        gamma = times(_mm256_or_ps(kept, _mm256_and_ps(sign, z_t)), c.kappa, unit);
     }
     const __m256 residual = _mm256_sub_ps(w_t, gamma);
     const __m256 pulled = _mm256_add_ps(velocity, _mm256_mul_ps(residual, _mm256_set1_ps(c.inv_mu)));
@@ -100,8 +108,8 @@ static inline __attribute__((always_inline)) lanes_out update_lanes(
 /* update_block on the first n - n % 16 elements (its tail is left to update_block). */
 static inline __attribute__((always_inline)) scalar_t update_block_avx2(
     scalar_t *restrict w, const scalar_t *restrict g, state_t *restrict z, state_t *restrict v,
-    uint32_t key, uint32_t lo, int32_t n, const int penalty, const int v_mode, const coefficients c,
-    scalar_t shrink)
+    uint32_t key, uint32_t lo, int32_t n, const int penalty, const int v_mode, const int unit,
+    const coefficients c, scalar_t shrink)
 {
     const __m256i coefficient = _mm256_set1_epi32((int)0x9E3779B1u);
     const __m256i advance = _mm256_set1_epi32((int)(HAND_LANES * 0x9E3779B1u));
@@ -128,9 +136,9 @@ static inline __attribute__((always_inline)) scalar_t update_block_avx2(
             z_b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, packed));
         }
         const lanes_out a = update_lanes(load_lanes_a(w + i), load_lanes_a(g + i), v_a, z_a, h_a, penalty, v_mode,
-                                         c, shrink);
+                                         unit, c, shrink);
         const lanes_out b = update_lanes(load_lanes_a(w + i + 4), load_lanes_a(g + i + 4), v_b, z_b, h_b, penalty,
-                                         v_mode, c, shrink);
+                                         v_mode, unit, c, shrink);
         store_lanes(w + i, a.w, b.w);
         if (v_mode != V_NONE)
             store_rounded(v + i, a.v_sum, b.v_sum);

@@ -74,15 +74,20 @@ def variants() -> list[str]:
     return [*sorted(set(names)), f"{cpu_tune.DEFAULT.name.split('-')[0]}-pf256-t64"]
 
 
+# κ = 1 and no dampening (with no gradient scale): the AVX2 loop skips those products.
+UNIT_HPARAMS = {**HPARAMS, "kappa": 1.0, "dampening": 0.0}
+
+
+@pytest.mark.parametrize("hparams", [HPARAMS, UNIT_HPARAMS], ids=["hparams", "unit-factors"])
 @pytest.mark.parametrize("variant", variants())
 @pytest.mark.parametrize(("dtype", "state_dtype"), BUILDS, ids=["fp32", "fp64", "fp32-bf16-state"])
 def test_every_variant_matches_torch_reference(
-    dtype: torch.dtype, state_dtype: torch.dtype, variant: str, monkeypatch
+    dtype: torch.dtype, state_dtype: torch.dtype, variant: str, hparams: dict, monkeypatch
 ) -> None:
     """Every variant gives the reference's W, Z and v bits on the odd shapes, its
     prefetched tiles switched on however small the bucket (threshold 0)."""
     monkeypatch.setitem(cpu_step.PREFETCH_MIN_NUMEL, state_dtype, 0)
-    bucket = random_bucket(SHAPES, PENALTIES, dtype, state_dtype, seed=9)
+    bucket = random_bucket(SHAPES, PENALTIES, dtype, state_dtype, hparams=hparams, seed=9)
     expected = bucket.clone()
     with cpu_step.using_variant(variant):
         assert cpu_step.variant(dtype, state_dtype) == variant
@@ -91,11 +96,12 @@ def test_every_variant_matches_torch_reference(
             assert_reference_step(bucket, expected)
 
 
+@pytest.mark.parametrize("hparams", [HPARAMS, UNIT_HPARAMS], ids=["hparams", "unit-factors"])
 @pytest.mark.parametrize("variant", variants())
-def test_special_values_in_bfloat16_state_match_torch_reference(variant: str) -> None:
+def test_special_values_in_bfloat16_state_match_torch_reference(variant: str, hparams: dict) -> None:
     """NaN, ±inf, ±0, subnormals and the largest floats in W, g, Z and v, in the 16-element
     turns of the AVX2 loop and in its tails: the reference's values, NaN included."""
-    bucket = random_bucket(SHAPES, PENALTIES, torch.float32, torch.bfloat16, seed=4)
+    bucket = random_bucket(SHAPES, PENALTIES, torch.float32, torch.bfloat16, hparams=hparams, seed=4)
     plant_special_values(bucket)
     expected = bucket.clone()
     with cpu_step.using_variant(variant):
@@ -310,6 +316,22 @@ def test_build_is_cached_on_disk(fresh_build) -> None:
     assert sorted(fresh_build.glob("*.so")) == built and built[0].stat().st_mtime_ns == stamp
     assert cpu_step.available(torch.float32, torch.bfloat16)
     assert len(sorted(fresh_build.glob("slbi_step_cpu_float_bf16_*.so"))) == 1
+
+
+def test_build_is_keyed_by_the_headers_beside_the_source(fresh_build, monkeypatch) -> None:
+    """A source tree whose header differs gets a build of its own, never the shipped one (the
+    compiler includes the header beside the source it compiles)."""
+    copy = fresh_build / "kernels"
+    copy.mkdir()
+    for name in (cpu_step.SOURCE.name, *cpu_step.HEADERS):
+        (copy / name).write_bytes(cpu_step.SOURCE.with_name(name).read_bytes())
+    shipped = cpu_step.build(torch.float32, torch.float32, fresh_build)
+    monkeypatch.setattr(cpu_step, "SOURCE", copy / cpu_step.SOURCE.name)
+    assert cpu_step.build(torch.float32, torch.float32, fresh_build) == shipped
+    header = copy / cpu_step.HEADERS[0]
+    header.write_text(header.read_text() + "\n/* another header */\n")
+    changed = cpu_step.build(torch.float32, torch.float32, fresh_build)
+    assert changed is not None and changed != shipped and changed.exists()
 
 
 @pytest.mark.parametrize("how", ["no-compiler", "unwritable-cache"])

@@ -198,7 +198,7 @@ def choice_path(cache_dir: Path, build: str, parts: Sequence[str]) -> Path:
     a hash of ``parts`` (source, flags, compiler, CPU; see ``cpu_step``), of the candidates
     and of the timing protocol, so a change of any of them tunes again."""
     protocol = [*parts, *(v.name for v in candidates()), f"rounds={ROUNDS}, ratio to the round's median",
-                f"margin={MARGIN} for {DEFAULT.name}",
+                f"margin={MARGIN} for {DEFAULT.name}, over all rounds and each half",
                 f"scratch={SCRATCH_ROWS}"]
     key = hashlib.sha256("\0".join(protocol).encode()).hexdigest()[:24]
     return cache_dir / f"slbi_step_cpu_{build}_{key}.tune.json"
@@ -282,7 +282,8 @@ def fastest(
     round cancels it where the median or the minimum of raw times (each of a few ms)
     picked the wrong variant in one run out of four. Ties go to the earlier name;
     ``preferred`` (a name of ``steps``) stays the choice unless another scores more than
-    :data:`MARGIN` below it."""
+    :data:`MARGIN` below it over all rounds and over each half of them (a disturbance in
+    part of the timing, such as the builds' compilers still exiting, cannot decide)."""
     names = list(steps)
     ratios: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds + 1):
@@ -298,6 +299,12 @@ def fastest(
                 ratios[name].append(times[name] / typical)
     scores = {name: statistics.median(values) for name, values in ratios.items()}
     best = min(names, key=lambda name: (scores[name], names.index(name)))
-    if preferred is not None and scores[best] >= scores[preferred] * (1 - MARGIN):
-        best = preferred
+    if preferred is not None and best != preferred:
+        half = rounds // 2
+        halves = (slice(None, half), slice(half, None)) if half else ()
+        parts = [scores] + [
+            {name: statistics.median(values[part]) for name, values in ratios.items()} for part in halves
+        ]
+        if any(part[best] >= part[preferred] * (1 - MARGIN) for part in parts):
+            best = preferred
     return best, scores

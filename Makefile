@@ -38,7 +38,7 @@ demo: venv data
 		--data-dir $(DATA_DIR) --out $(DEMO_OUT) --slim --slim-epochs 1
 
 bench: venv
-	$(BIN)/python -m benchmarks.report
+	$(BIN)/python -m benchmarks.report --rounds 15
 	$(BIN)/python -m benchmarks.traffic_floor
 	$(BIN)/python -m benchmarks.cpu_ablation
 

@@ -245,7 +245,8 @@ def _tune(dtype: torch.dtype, state_dtype: torch.dtype, compiler: list[str], cac
     """The cached choice for this build, else the fastest of :func:`.cpu_tune.candidates`
     on :func:`.cpu_tune.scratch_bucket` (each built first; :data:`.cpu_tune.DEFAULT` unless
     another beats it by :data:`.cpu_tune.MARGIN`), kept in the cache folder."""
-    parts = [source_bytes().decode(), " ".join(_OPTIMISE), _compiler_version(compiler), _machine_key()]
+    source = hashlib.sha256(source_bytes()).hexdigest()
+    parts = [source, " ".join(_OPTIMISE), _compiler_version(compiler), _machine_key()]
     record = cpu_tune.choice_path(cache_dir, _build_name(dtype, state_dtype), parts)
     kept = cpu_tune.read_choice(record)
     if kept is not None:

@@ -285,6 +285,8 @@ def fastest(
     :data:`MARGIN` below it over all rounds and over each half of them (a disturbance in
     part of the timing, such as the builds' compilers still exiting, cannot decide)."""
     names = list(steps)
+    if preferred is not None and preferred not in steps:
+        raise ValueError(f"preferred {preferred!r} is not one of the steps {names}")
     ratios: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds + 1):
         shift = index % len(names)

@@ -53,7 +53,7 @@
  */
 #include <stdint.h>
 #include <string.h>
-#include <tgmath.h> /* fabs, copysign, sqrt in the scalar's own precision */
+#include <tgmath.h> /* fabs, fmax, sqrt in the scalar's own precision */
 
 typedef SLBI_SCALAR scalar_t;
 
@@ -87,13 +87,17 @@ enum {
 /* The counter-based hash of docs/design.md: 32 random bits per (seed, step, index), split
  * as its loops use it: `key` = seed ^ hi32(index) * 0x85EBCA77 is the same for a whole
  * span (spans never cross a multiple of 2**32, see update_range), lo32(index) varies. */
+#define SR_INDEX_MIX 0x9E3779B1u /* the hash's constants (docs/design.md), shared with the AVX2 loop */
+#define SR_MIX_1 0x85EBCA6Bu
+#define SR_MIX_2 0xC2B2AE35u
+
 static inline uint32_t sr_hash(uint32_t key, uint32_t step_mix, uint32_t index_lo)
 {
-    uint32_t h = ((index_lo * 0x9E3779B1u) ^ key) + step_mix;
+    uint32_t h = ((index_lo * SR_INDEX_MIX) ^ key) + step_mix;
     h ^= h >> 16;
-    h *= 0x85EBCA6Bu;
+    h *= SR_MIX_1;
     h ^= h >> 13;
-    h *= 0xC2B2AE35u;
+    h *= SR_MIX_2;
     h ^= h >> 16;
     return h;
 }
@@ -179,8 +183,11 @@ static inline __attribute__((always_inline)) scalar_t update_block(
         if (penalty == PENALTY_GROUP) {
             gamma = c.kappa * z_t * shrink;
         } else {
-            scalar_t excess = fabs(z_t) - c.lam; /* NaN when Z is: gamma too, as in the reference */
-            gamma = c.kappa * copysign(excess <= 0 ? (scalar_t)0 : excess, z_t);
+            /* sign(Z) * max(|Z| - lam, 0) as the reference computes it: NaN when Z is, and
+             * +0 for Z = -0 (torch.sign(-0.) is +0) */
+            const scalar_t excess = fabs(z_t) - c.lam;
+            const scalar_t kept = excess <= 0 ? (scalar_t)0 : excess;
+            gamma = c.kappa * (z_t < 0 ? -kept : kept);
         }
         scalar_t residual = w_t - gamma; /* W_t - Gamma_t */
         w[i] = w_t - c.lr_kappa * (velocity + residual * c.inv_mu);

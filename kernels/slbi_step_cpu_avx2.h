@@ -5,7 +5,7 @@
  * The same arithmetic as update_block, operation for operation (W, Z and v are the same
  * bits; a test checks every variant against the torch reference), on 16 elements a turn.
  * Why by hand: the compiler's loop for this build was issue-bound, not memory-bound (AMD
- * EPYC Zen 3, ResNet-50's bucket: 1.39-1.44 x fused SGD; this loop 1.01-1.15 x), and it
+ * EPYC Zen 3, ResNet-50's bucket: 1.38-1.44 x fused SGD; this loop 1.01-1.15 x), and it
  * spent 7 instructions per 16 elements and per state on the NaN test (a compare, masks
  * packed to 16 bits, a byte blend), 2 on masks before packing, and a multiply per vector
  * on the hash's index. Here (docs/design.md, "Where the bfloat16-state step's time goes"):
@@ -13,7 +13,7 @@
  *     which unpacking 16 bfloat16 with zeros widens them to float32 (no shift), and in
  *     which packing two rounded vectors stores them (no lane permute);
  *   - the NaN test is one compare and one blend on the 32-bit sum;
- *   - the hash's (index * 0x9E3779B1) advances by 16 * 0x9E3779B1 a turn (the same
+ *   - the hash's (index * SR_INDEX_MIX) advances by 16 * SR_INDEX_MIX a turn (the same
  *     product mod 2**32), so the hash costs two multiplies instead of three;
  *   - where the gradient scale, 1 - dampening and kappa are 1.0 (the defaults without a
  *     GradScaler) their products are skipped: x * 1.0 is x.
@@ -21,9 +21,12 @@
  */
 #include <immintrin.h>
 
+_Static_assert(sizeof(scalar_t) == 4 && sizeof(state_t) == 2, "the AVX2 loop is float32 with bfloat16 state");
+
 enum { HAND_LANES = 16 };
 
-static inline __m256 load_lanes_a(const float *p)
+/* Elements 0-3 and 8-11 from p, as one vector's lanes (from p + 4: elements 4-7 and 12-15). */
+static inline __m256 load_split(const float *p)
 {
     return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), _mm_loadu_ps(p + 8), 1);
 }
@@ -52,9 +55,9 @@ static inline __m256i hash_lanes(__m256i index_mixed, __m256i key, __m256i step_
 {
     __m256i h = _mm256_add_epi32(_mm256_xor_si256(index_mixed, key), step_mix);
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
-    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0x85EBCA6Bu));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)SR_MIX_1));
     h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
-    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)0xC2B2AE35u));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32((int)SR_MIX_2));
     return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
 }
 
@@ -90,11 +93,12 @@ static inline __attribute__((always_inline)) lanes_out update_lanes(
     __m256 gamma;
     if (penalty == PENALTY_GROUP) {
         gamma = _mm256_mul_ps(times(z_t, c.kappa, unit), _mm256_set1_ps(shrink));
-    } else { /* kappa * copysign(excess <= 0 ? 0 : excess, z): a NaN excess stays NaN */
+    } else { /* kappa * (z < 0 ? -kept : kept), kept = excess <= 0 ? 0 : excess (NaN stays) */
         const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
         const __m256 excess = _mm256_sub_ps(_mm256_andnot_ps(sign, z_t), _mm256_set1_ps(c.lam));
         const __m256 kept = _mm256_and_ps(excess, _mm256_cmp_ps(excess, _mm256_setzero_ps(), _CMP_NLE_UQ));
-        gamma = times(_mm256_or_ps(kept, _mm256_and_ps(sign, z_t)), c.kappa, unit);
+        const __m256 negative = _mm256_cmp_ps(z_t, _mm256_setzero_ps(), _CMP_LT_OQ);
+        gamma = times(_mm256_xor_ps(kept, _mm256_and_ps(sign, negative)), c.kappa, unit);
     }
     const __m256 residual = _mm256_sub_ps(w_t, gamma);
     const __m256 pulled = _mm256_add_ps(velocity, _mm256_mul_ps(residual, _mm256_set1_ps(c.inv_mu)));
@@ -111,14 +115,14 @@ static inline __attribute__((always_inline)) scalar_t update_block_avx2(
     uint32_t key, uint32_t lo, int32_t n, const int penalty, const int v_mode, const int unit,
     const coefficients c, scalar_t shrink)
 {
-    const __m256i coefficient = _mm256_set1_epi32((int)0x9E3779B1u);
-    const __m256i advance = _mm256_set1_epi32((int)(HAND_LANES * 0x9E3779B1u));
+    const __m256i index_mix = _mm256_set1_epi32((int)SR_INDEX_MIX);
+    const __m256i advance = _mm256_set1_epi32((int)(HAND_LANES * SR_INDEX_MIX));
     const __m256i keys = _mm256_set1_epi32((int)key), step_mix = _mm256_set1_epi32((int)c.step_mix);
-    const __m256i first = _mm256_set1_epi32((int)lo), zero = _mm256_setzero_si256();
-    __m256i mixed_a = _mm256_mullo_epi32(_mm256_add_epi32(first, _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11)),
-                                         coefficient);
-    __m256i mixed_b = _mm256_mullo_epi32(_mm256_add_epi32(first, _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15)),
-                                         coefficient);
+    const __m256i index_lo = _mm256_set1_epi32((int)lo), zero = _mm256_setzero_si256();
+    __m256i mixed_a = _mm256_mullo_epi32(_mm256_add_epi32(index_lo, _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11)),
+                                         index_mix);
+    __m256i mixed_b = _mm256_mullo_epi32(_mm256_add_epi32(index_lo, _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15)),
+                                         index_mix);
     __m256 sq_sum = _mm256_setzero_ps();
     for (int32_t i = 0; i + HAND_LANES <= n; i += HAND_LANES) {
         const __m256i h_a = hash_lanes(mixed_a, keys, step_mix), h_b = hash_lanes(mixed_b, keys, step_mix);
@@ -135,9 +139,9 @@ static inline __attribute__((always_inline)) scalar_t update_block_avx2(
             z_a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, packed));
             z_b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, packed));
         }
-        const lanes_out a = update_lanes(load_lanes_a(w + i), load_lanes_a(g + i), v_a, z_a, h_a, penalty, v_mode,
+        const lanes_out a = update_lanes(load_split(w + i), load_split(g + i), v_a, z_a, h_a, penalty, v_mode,
                                          unit, c, shrink);
-        const lanes_out b = update_lanes(load_lanes_a(w + i + 4), load_lanes_a(g + i + 4), v_b, z_b, h_b, penalty,
+        const lanes_out b = update_lanes(load_split(w + i + 4), load_split(g + i + 4), v_b, z_b, h_b, penalty,
                                          v_mode, unit, c, shrink);
         store_lanes(w + i, a.w, b.w);
         if (v_mode != V_NONE)

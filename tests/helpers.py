@@ -191,20 +191,45 @@ def plant_special_values(
     bucket: Bucket, specials: Sequence[float] = SPECIAL_VALUES, count: int = 200, seed: int = 5
 ) -> None:
     """Put ``count`` of ``specials`` at random places of each tensor's elements (not the
-    padding) in each of W, g, Z and v."""
+    padding) in each of W, g, Z and v (where there is a v), each buffer at places of its own;
+    then, at 4 · len(specials)² more places, every pair of them in (W, Z) and in (g, v)
+    (a -0 in Z shows only where W is ±0 too)."""
     generator = torch.Generator().manual_seed(seed)
     inside = torch.cat([torch.arange(span.offset, span.offset + span.numel) for span in bucket.spans])
-    values = torch.tensor(specials)[torch.arange(count) % len(specials)]
-    for buffer in (bucket.params, bucket.grads, bucket.z, bucket.momentum):
-        buffer[inside[torch.randperm(inside.numel(), generator=generator)[:count]]] = values.to(buffer.dtype)
+    table = torch.tensor(specials)
+    values = table[torch.arange(count) % len(specials)]
+    buffers = (bucket.params, bucket.grads, bucket.z, bucket.momentum)
+    for buffer in buffers:
+        if buffer is not None:  # no momentum buffer without momentum
+            places = torch.randperm(inside.numel(), generator=generator)[:count]
+            buffer[inside[places]] = values.to(buffer.dtype)
+    first, second = torch.meshgrid(torch.arange(len(specials)), torch.arange(len(specials)), indexing="ij")
+    pairs = torch.randperm(inside.numel(), generator=generator)[: 4 * first.numel()].view(4, -1)
+    for places in pairs:
+        for buffer, which in zip(buffers, (first, second, first, second), strict=True):
+            if buffer is not None:
+                buffer[inside[places]] = table[which.flatten()].to(buffer.dtype)
+
+
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}
+
+
+def assert_same_bits(got: Tensor, want: Tensor) -> None:
+    """The same bits (so +0 is not -0), NaN where ``want`` is NaN whatever its sign and payload."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    same = got.view(_SAME_WIDTH_INT[got.dtype]) == want.view(_SAME_WIDTH_INT[want.dtype])
+    both_nan = got.isnan() & want.isnan()
+    differ = ~(same | both_nan)
+    assert not differ.any(), f"{int(differ.sum())} elements differ, first at {differ.nonzero()[0].tolist()}"
 
 
 def assert_equal_with_nans(bucket: Bucket, expected: Bucket) -> None:
-    """W, Z and v equal, NaN where ``expected`` has NaN (the reference's NaN bits are torch's
-    float -> bfloat16 copy's, 0xFFFF); every NaN a kernel stores in bfloat16 is 0x7FC0."""
+    """W, Z and v the same bits, NaN where ``expected`` has NaN (the reference's NaN bits are
+    torch's float -> bfloat16 copy's, 0xFFFF); every NaN a kernel stores in bfloat16 is 0x7FC0."""
     for got, want in ((bucket.params, expected.params), (bucket.z, expected.z),
                       (bucket.momentum, expected.momentum)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        assert_same_bits(got, want)
         if got.dtype == torch.bfloat16:
             assert (got[got.isnan()].view(torch.int16) == 0x7FC0).all()
 

@@ -19,6 +19,7 @@ from .helpers import (
     HPARAMS,
     Bucket,
     assert_equal_with_nans,
+    assert_same_bits,
     assert_same_outputs,
     plant_special_values,
     random_bucket,
@@ -59,7 +60,7 @@ def assert_reference_step(bucket: Bucket, expected: Bucket) -> None:
     expected.run("reference")
     for got, want in ((bucket.params, expected.params), (bucket.z, expected.z),
                       (bucket.momentum, expected.momentum)):
-        assert torch.equal(got, want)
+        assert_same_bits(got, want)
     norms = bucket.group_norms
     assert torch.allclose(norms, expected.group_norms, rtol=4 * torch.finfo(norms.dtype).eps, atol=0)
     expected.group_norms.copy_(norms)
@@ -110,6 +111,29 @@ def test_special_values_in_bfloat16_state_match_torch_reference(variant: str, hp
             expected.run("reference")
             assert_equal_with_nans(bucket, expected)
             expected.group_norms.copy_(bucket.group_norms)
+
+
+@pytest.mark.skipif(not cpu_tune.DEFAULT.name.startswith("v256"), reason="the AVX2 loop is x86-64's")
+@pytest.mark.parametrize("hparams", [HPARAMS, UNIT_HPARAMS], ids=["hparams", "unit-factors"])
+@pytest.mark.parametrize(("ready", "momentum"), [(True, True), (False, True), (True, False)],
+                         ids=["momentum-ready", "first-step", "no-momentum"])
+def test_avx2_loop_writes_the_compilers_bits(hparams: dict, ready: bool, momentum: bool) -> None:
+    """The bfloat16-state loop written with AVX2 intrinsics (v256) and the compiler's own
+    (vdef) write the same W, Z and v bits, special values included (a NaN in W: NaN in
+    both), in every momentum mode; the group norms within a few ulps (another order)."""
+    hand = random_bucket(SHAPES, PENALTIES, torch.float32, torch.bfloat16, hparams=hparams,
+                         momentum_ready=ready, momentum=momentum, seed=6)
+    plant_special_values(hand)
+    compiled = hand.clone()
+    for _ in range(2):
+        for bucket, variant in ((hand, "v256-nopf"), (compiled, "vdef-nopf")):
+            with cpu_step.using_variant(variant):
+                bucket.run("c")
+        for name in ("params", "z", "momentum"):
+            if getattr(hand, name) is not None:
+                assert_same_bits(getattr(hand, name), getattr(compiled, name))
+        torch.testing.assert_close(hand.group_norms, compiled.group_norms, rtol=1e-5, atol=0, equal_nan=True)
+        compiled.group_norms.copy_(hand.group_norms)  # the next step from the same inputs
 
 
 # Past 2**20 elements, the threshold from which a variant prefetches: rows shorter than a
@@ -316,6 +340,11 @@ def test_build_is_cached_on_disk(fresh_build) -> None:
     assert sorted(fresh_build.glob("*.so")) == built and built[0].stat().st_mtime_ns == stamp
     assert cpu_step.available(torch.float32, torch.bfloat16)
     assert len(sorted(fresh_build.glob("slbi_step_cpu_float_bf16_*.so"))) == 1
+
+
+def test_every_included_header_is_part_of_the_build_key() -> None:
+    included = re.findall(r'^#include "([^"]+)"', cpu_step.SOURCE.read_text(), flags=re.MULTILINE)
+    assert sorted(included) == sorted(cpu_step.HEADERS)
 
 
 def test_build_is_keyed_by_the_headers_beside_the_source(fresh_build, monkeypatch) -> None:

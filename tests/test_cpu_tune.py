@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
-import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -133,24 +133,43 @@ def test_autotune_runs_once_and_is_kept(fresh, monkeypatch) -> None:
     assert cpu_step.variant(torch.float32) in timed[0] and len(timed) == 2
 
 
-def _sleeper(seconds: float):
-    return lambda: time.sleep(seconds)
+class FakeClock:
+    """``time.perf_counter`` for ``cpu_tune.fastest``: steps advance it by what they "take"."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def step(self, seconds) -> Callable[[], None]:
+        """A step taking ``seconds``, or ``seconds(call)`` on its ``call``-th call."""
+        calls = iter(range(1_000_000))
+
+        def run() -> None:
+            self.now += seconds(next(calls)) if callable(seconds) else seconds
+
+        return run
 
 
-def test_autotune_keeps_the_preferred_variant_unless_another_clearly_wins() -> None:
+def test_autotune_keeps_the_preferred_variant_unless_another_clearly_wins(monkeypatch) -> None:
     """Within cpu_tune.MARGIN of the preferred variant, a faster one is noise, not a choice;
     well below it, it wins."""
-    close = {"default": _sleeper(0.004), "close": _sleeper(0.004 * (1 - cpu_tune.MARGIN / 3))}
+    clock = FakeClock()
+    monkeypatch.setattr(cpu_tune, "time", clock)
+    close = {"default": clock.step(4.0), "close": clock.step(4.0 * (1 - cpu_tune.MARGIN / 3))}
     assert cpu_tune.fastest(close, rounds=5, preferred="default")[0] == "default"
-    clear = {"default": _sleeper(0.004), "clear": _sleeper(0.001)}
+    assert cpu_tune.fastest(close, rounds=5)[0] == "close"  # without a preference: the fastest
+    clear = {"default": clock.step(4.0), "clear": clock.step(1.0)}
     chosen, scores = cpu_tune.fastest(clear, rounds=5, preferred="default")
     assert chosen == "clear" and scores["clear"] < scores["default"] * (1 - cpu_tune.MARGIN)
 
 
-def test_a_win_in_half_of_the_rounds_does_not_decide() -> None:
+def test_a_win_in_half_of_the_rounds_does_not_decide(monkeypatch) -> None:
     """A variant fast only while something else disturbed the first rounds stays unchosen."""
-    calls = iter(range(1_000))
-    flaky = {"default": _sleeper(0.004), "flaky": lambda: time.sleep(0.001 if next(calls) < 5 else 0.004)}
+    clock = FakeClock()
+    monkeypatch.setattr(cpu_tune, "time", clock)
+    flaky = {"default": clock.step(4.0), "flaky": clock.step(lambda call: 1.0 if call < 5 else 4.0)}
     chosen, scores = cpu_tune.fastest(flaky, rounds=8, preferred="default")
     assert chosen == "default" and scores["flaky"] < scores["default"] * (1 - cpu_tune.MARGIN)
 

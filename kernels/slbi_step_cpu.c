@@ -69,6 +69,7 @@ typedef struct {
     scalar_t lr_kappa, lr_over_mu, kappa, inv_mu, lam, rho, one_minus_d, wd, scale;
     uint32_t seed, step_mix; /* step_mix = step * 0xC2B2AE3D */
     int prefetch;            /* tiles and software prefetch: see slbi_bucket_step */
+    int unit;                /* scale, one_minus_d and kappa are 1: x * 1 is x (the AVX2 loop skips them) */
 } coefficients;
 
 #ifndef SLBI_TILE_BYTES
@@ -241,7 +242,7 @@ static inline __attribute__((always_inline)) scalar_t update_span(
         int32_t done = 0;
 #if HAND_AVX2
         done = len - len % HAND_LANES;
-        if (c.scale == 1 && c.one_minus_d == 1 && c.kappa == 1) /* the defaults: x * 1 is x */
+        if (c.unit) /* constant in each call: two loops */
             sq_sum += update_block_avx2(w + at, g + at, z + at, v_mode == V_NONE ? 0 : v + at, key,
                                         (uint32_t)(first + at), done, penalty, v_mode, 1, c, shrink);
         else
@@ -417,7 +418,7 @@ int64_t slbi_bucket_step(scalar_t *params, const scalar_t *grads, state_t *z, st
             .wide_index = wide_index,
         };
         const double *hp = hparams + field(chunks, wide_index, k, CHUNK_HPARAM_ROW) * HPARAM_FIELDS;
-        const coefficients c = {
+        coefficients c = {
             .lr_kappa = (scalar_t)(hp[HP_LR] * hp[HP_KAPPA]),
             .lr_over_mu = (scalar_t)(hp[HP_LR] / hp[HP_MU]),
             .kappa = (scalar_t)hp[HP_KAPPA],
@@ -431,6 +432,7 @@ int64_t slbi_bucket_step(scalar_t *params, const scalar_t *grads, state_t *z, st
             .step_mix = step_mix,
             .prefetch = SLBI_PREFETCH_BYTES > 0 && numel >= prefetch_min_numel,
         };
+        c.unit = c.scale == 1 && c.one_minus_d == 1 && c.kappa == 1;
         const int v_mode = hp[HP_USE_MOMENTUM] == 0.0 || momentum == 0 ? V_NONE
                            : (flags & FLAG_MOMENTUM_READY) ? V_HISTORY
                                                            : V_FIRST;

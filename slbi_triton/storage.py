@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import torch_private
 from .buckets import FlatBucket, Slot
-from .channel_ids import channel_ids_of, followers_of
+from .channel_ids import channel_ids_of, followers_of, held_out_of
 from .kernels import abi
 from .validation import check_gradient, check_parameter
 
@@ -386,9 +386,8 @@ class FlatStorage:
 
 def _held_out(groups: Groups) -> dict[int, Tensor]:
     """Param group → its ``"held_out"`` channel ids, for the groups that hold some out."""
-    return {
-        index: group["held_out"] for index, group in enumerate(groups) if group.get("held_out") is not None
-    }
+    held = {index: held_out_of(group) for index, group in enumerate(groups)}
+    return {index: ids for index, ids in held.items() if ids is not None}
 
 
 def bucket_seed(seed: int, number: int) -> int:

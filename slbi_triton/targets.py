@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .channel_ids import check_held_out, held_out_of
 from .coupling import ChannelGroups
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -253,7 +254,7 @@ def zero_channels(optimizer: Any, channels: Tensor, group: int | None = None) ->
 def held_channels(optimizer: Any, group: int, count: int) -> Tensor:
     """Which of ``count`` channel ids the param group ``group`` holds out (bool per id)."""
     held = torch.zeros(count, dtype=torch.bool)
-    ids = optimizer.param_groups[group].get("held_out")
+    ids = held_out_of(optimizer.param_groups[group])
     if ids is not None:
         held[ids[ids < count]] = True
     return held
@@ -278,8 +279,6 @@ def hold_out(optimizer: Any, channels: Any, group: int | None = None) -> None:
         channels: channel ids (of coupled groups of that param group).
         group: the coupled param group (default: the first with ``"channel_ids"``).
     """
-    from .channel_ids import check_held_out
-
     index = _coupled_group(optimizer, group)
     held = torch.unique(torch.as_tensor(channels, dtype=torch.int64).flatten())
     entries = optimizer.param_groups[index]
